@@ -1,0 +1,192 @@
+"""``LocalCluster``: every rank, the master included, as its own process on 127.0.0.1.
+
+Owns: splitting into the cache, spawning the master and the workers (spawned, not forked), the
+ports they bind (chosen by the OS), driving the master over its control channel, and tearing it
+all down on exit, also when the body raises, so no child outlives the cluster. Does not know:
+the model math or the wire protocol between ranks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import msgpack
+import numpy as np
+import torch
+import zmq
+
+from tpi.master import MasterOptions, master_process
+from tpi.weights import split_cached
+from tpi.worker import WorkerOptions, worker_process
+
+
+class ClusterError(RuntimeError):
+    """The cluster failed a request or could not start; the message says which rank and why."""
+
+
+def _worker_entry(opts: WorkerOptions, ports, published) -> None:
+    """Spawned worker: wait for the master to publish its port, then serve."""
+    if not published.wait(opts.join_timeout):
+        raise SystemExit(f"rank {opts.rank}: the master never published its port")
+    worker_process(WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"}))
+
+
+class LocalCluster:
+    def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
+                 dtype: str = "float32", *, threads: int = 1, max_context: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, step_timeout: float = 60.0,
+                 start_timeout: float = 300.0, progress: bool = False):
+        self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
+        self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
+        self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
+        self.shard_dir: Path | None = None
+        self.procs: dict[int, mp.Process] = {}
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self.master_address: str | None = None
+        self.info: dict[str, Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
+                                      self.cache_dir, self.progress)
+        ctx = mp.get_context("spawn")
+        ports, published = ctx.Array("i", 2), ctx.Event()
+        me = os.getpid()
+        mopts = MasterOptions(str(self.shard_dir), threads=self.threads, max_context=self.max_context,
+                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=me)
+        self.procs[0] = ctx.Process(target=master_process, args=(mopts, ports, published), daemon=True,
+                                    name="tpi-rank0")
+        for rank in range(1, self.world_size):
+            wopts = WorkerOptions("", rank, str(self.shard_dir), self.threads, self.max_context,
+                                  self.step_timeout, self.start_timeout, parent_pid=me)
+            self.procs[rank] = ctx.Process(target=_worker_entry, args=(wopts, ports, published), daemon=True,
+                                           name=f"tpi-rank{rank}")
+        for p in self.procs.values():
+            p.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not published.wait(0.2):
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the master did not start within {self.start_timeout:.0f}s")
+        self.master_address = f"tcp://127.0.0.1:{ports[0]}" if self.world_size > 1 else None
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(f"tcp://127.0.0.1:{ports[1]}")
+        self._request({"op": "ready"}, timeout=self.start_timeout)
+        self.info = self._request({"op": "info"})[0]
+
+    def close(self) -> None:
+        """Stop every rank: ask the master to shut down, then terminate or kill what remains."""
+        if self._sock is not None and self.procs.get(0) is not None and self.procs[0].is_alive():
+            try:
+                self._sock.send(msgpack.packb({"op": "shutdown"}))
+                self._sock.poll(2000)
+            except zmq.ZMQError:
+                pass
+        started = [p for p in self.procs.values() if p.pid is not None]
+        deadline = time.monotonic() + 5
+        for p in started:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in started:
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+        self.procs.clear()
+        if self._sock is not None:
+            self._sock.close(0)
+            self._ctx.term()
+            self._sock = self._ctx = None
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """Rank -> process id, master included."""
+        return {r: p.pid for r, p in self.procs.items()}
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        return {r: pid for r, pid in self.pids.items() if r != 0}
+
+    def _check_children(self) -> None:
+        for rank, p in self.procs.items():
+            if p.exitcode is not None:
+                raise ClusterError(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode} during start-up")
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _events(self, req: dict, timeout: float | None = None) -> Iterator[tuple[dict, list]]:
+        if self._sock is None:
+            raise ClusterError("the cluster is not running: use it inside `with LocalCluster(...)` or call start()")
+        self._sock.send(msgpack.packb(req))
+        limit = timeout or self.step_timeout * 2 + 30
+        while True:
+            deadline = time.monotonic() + limit
+            while not self._sock.poll(200):
+                if not self.procs[0].is_alive():
+                    raise ClusterError(f"the master (pid {self.procs[0].pid}) exited with code {self.procs[0].exitcode}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"no answer from the master within {limit:.0f}s")
+            frames = self._sock.recv_multipart()
+            event = msgpack.unpackb(frames[0], raw=False)
+            if event.get("event") == "error":
+                raise ClusterError(f"{event.get('type')}: {event.get('message')}")
+            yield event, frames[1:]
+            if event.get("event") not in ("token",):
+                return
+
+    def _request(self, req: dict, timeout: float | None = None) -> tuple[dict, list]:
+        return next(iter(self._events(req, timeout)))
+
+    def forward(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Prefill logits of a fresh sequence: float32 [len(input_ids), vocab]."""
+        event, frames = self._request({"op": "forward", "ids": [int(i) for i in input_ids]})
+        return torch.from_numpy(np.frombuffer(frames[0], dtype=np.float32).copy()).view(*event["shape"])
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> list[int]:
+        """New token ids (the EOS id included when generation ends on it)."""
+        return self.generate_full(input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, stop=stop)["ids"]
+
+    def generate_full(self, input_ids: Sequence[int] | None = None, max_new_tokens: int = 64, **kw) -> dict:
+        """Like generate, but returns the master's whole record: ids, text, finish_reason, timings."""
+        *_, (event, _) = self.stream(input_ids, max_new_tokens, _stream=False, **kw)
+        return event
+
+    def stream(self, input_ids: Sequence[int] | None = None, max_new_tokens: int = 64, *,
+               prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: Sequence[str] = (), _stream: bool = True
+               ) -> Iterator[tuple[dict, list]]:
+        """Events as they come: {"event": "token", "ids", "text"} ..., then {"event": "done", ...}."""
+        req = {"op": "generate", "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+               "top_p": top_p, "seed": seed, "stop": list(stop), "stream": _stream}
+        if input_ids is not None:
+            req["ids"] = [int(i) for i in input_ids]
+        elif messages is not None:
+            req["messages"] = messages
+        else:
+            req["prompt"] = prompt
+        yield from self._events(req)

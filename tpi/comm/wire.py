@@ -1,0 +1,193 @@
+"""The cluster's message schema and wire format, defined once for every backend.
+
+A message is one msgpack header frame (a small map of plain values) and, for kinds that carry a
+tensor, one raw frame with the tensor's bytes; nothing is ever pickled. ``decode`` checks every
+field of every message (kind, types, ranges, dtype, shape, frame size) against what the receiver
+expects, so a malformed or hostile frame raises ``WireError`` instead of reaching the model.
+Does not know: sockets, ranks' roles, the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4096
+MAX_TEXT = 2048
+
+
+class Kind(IntEnum):
+    HELLO = 1  # worker -> master: rank, protocol, manifest digest, pid, host
+    WELCOME = 2  # master -> worker
+    REFUSE = 3  # master -> worker: reason
+    STEP = 4  # master -> worker: seq, step, start, length + hidden state [length, D]
+    PARTIAL = 5  # worker -> master: seq, step, layer, phase + partial sum [length, D]
+    REDUCED = 6  # master -> worker: seq, step, layer, phase + summed tensor [length, D]
+    FREE = 7  # master -> worker: the sequence is done, drop its KV
+    CANCEL = 8  # master -> worker: abandon the step in flight for seq and drop its KV
+    SHUTDOWN = 9  # master -> worker
+    ERROR = 10  # worker -> master: text
+    PING = 11  # master -> worker: liveness probe, ignored by the receiver
+
+
+class Phase(IntEnum):
+    ATTN = 0
+    FFN = 1
+
+
+WITH_TENSOR = {Kind.STEP, Kind.PARTIAL, Kind.REDUCED}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INT_FIELDS = ("seq", "step", "layer", "phase", "start", "length")
+
+
+class WireError(ValueError):
+    """A message that does not follow the schema; the text says which field and why."""
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Identifies one collective: the sequence, its step, the layer and the block within it."""
+
+    seq: int
+    step: int
+    layer: int
+    phase: int
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    seq: int = 0
+    step: int = 0
+    layer: int = 0
+    phase: int = 0
+    start: int = 0
+    length: int = 0
+    info: dict[str, Any] = field(default_factory=dict)  # HELLO/REFUSE/ERROR details: str or int values
+    tensor: torch.Tensor | None = None
+
+    @property
+    def tag(self) -> Tag:
+        return Tag(self.seq, self.step, self.layer, self.phase)
+
+
+def encode(msg: Message) -> list:
+    """-> [header bytes] or [header bytes, tensor buffer] (the tensor's memory, not a copy)."""
+    header: dict[str, Any] = {"k": int(msg.kind)}
+    for name in INT_FIELDS:
+        value = getattr(msg, name)
+        if value:
+            header[name] = value
+    if msg.info:
+        header["info"] = msg.info
+    if msg.tensor is None:
+        return [msgpack.packb(header)]
+    t = msg.tensor.contiguous()
+    header["dtype"] = DTYPE_NAMES[t.dtype]
+    header["shape"] = list(t.shape)
+    return [msgpack.packb(header), memoryview(t.view(torch.uint8).numpy()).cast("B")]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a receiver accepts: allowed kinds, the hidden size and dtype, limits on lengths."""
+
+    kinds: frozenset[Kind]
+    hidden: int = 0
+    dtype: torch.dtype = torch.float32
+    max_length: int = 1 << 20
+    max_layer: int = 1 << 16
+
+
+def decode(frames: list, expect: Expect) -> Message:
+    """Validate and parse frames (bytes or zmq.Frame) into a Message; raise WireError otherwise."""
+    if not frames or len(frames) > 2:
+        raise WireError(f"expected 1 or 2 frames, got {len(frames)}")
+    raw = _bytes(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise WireError(f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a map, got {type(header).__name__}")
+    kind = _kind(header.get("k"), expect)
+    values = {name: _int(header, name, expect) for name in INT_FIELDS}
+    info = _info(header.get("info", {}))
+    unknown = set(header) - {"k", "info", "dtype", "shape", *INT_FIELDS}
+    if unknown:
+        raise WireError(f"unknown header fields {sorted(unknown)}")
+    tensor = None
+    if kind in WITH_TENSOR:
+        if len(frames) != 2:
+            raise WireError(f"{kind.name} needs a tensor frame, got {len(frames) - 1}")
+        tensor = _tensor(header, frames[1], values["length"], expect)
+    elif len(frames) != 1:
+        raise WireError(f"{kind.name} carries no tensor, got an extra frame")
+    return Message(kind, info=info, tensor=tensor, **values)
+
+
+def _bytes(frame) -> bytes | memoryview:
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return frame
+    return frame.buffer
+
+
+def _kind(value: Any, expect: Expect) -> Kind:
+    try:
+        kind = Kind(value)
+    except (ValueError, TypeError):
+        raise WireError(f"unknown message kind {value!r}") from None
+    if kind not in expect.kinds:
+        raise WireError(f"unexpected message kind {kind.name} here; expected one of "
+                        f"{sorted(k.name for k in expect.kinds)}")
+    return kind
+
+
+def _int(header: dict, name: str, expect: Expect) -> int:
+    value = header.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 62:
+        raise WireError(f"field {name}={value!r}: expected a non-negative integer")
+    if name == "phase" and value not in (Phase.ATTN, Phase.FFN):
+        raise WireError(f"field phase={value}: expected 0 (attention) or 1 (FFN)")
+    if name == "layer" and value >= expect.max_layer:
+        raise WireError(f"field layer={value}: the model has {expect.max_layer} layers")
+    if name == "length" and value > expect.max_length:
+        raise WireError(f"field length={value}: exceeds the limit of {expect.max_length}")
+    return value
+
+
+def _info(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > 16:
+        raise WireError("field info: expected a small map")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise WireError(f"field info[{k!r}]: expected a string or integer value")
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise WireError(f"field info[{k!r}]: text longer than {MAX_TEXT}")
+    return value
+
+
+def _tensor(header: dict, frame, length: int, expect: Expect) -> torch.Tensor:
+    dtype = DTYPES.get(header.get("dtype"))
+    if dtype != expect.dtype:
+        raise WireError(f"tensor dtype {header.get('dtype')!r}: expected {DTYPE_NAMES[expect.dtype]}")
+    shape = header.get("shape")
+    if shape != [length, expect.hidden]:
+        raise WireError(f"tensor shape {shape!r}: expected [{length}, {expect.hidden}]")
+    data = _bytes(frame)
+    nbytes = length * expect.hidden * dtype.itemsize
+    if len(data) != nbytes:
+        raise WireError(f"tensor frame has {len(data)} bytes; shape {shape} of {header['dtype']} needs {nbytes}")
+    out = torch.empty((length, expect.hidden), dtype=dtype)
+    if nbytes:
+        out.view(torch.uint8).numpy().reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
+    return out

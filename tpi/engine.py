@@ -1,0 +1,209 @@
+"""The master's engine: embed, run the layers with the workers, norm + LM head, sample, stop.
+
+Owns: request state on rank 0 (sequence ids, steps, prefill in chunks then decode with the KV
+cache), stopping at EOS ids, stop strings and the token limit, incremental detokenisation for
+streaming, and cancelling a sequence on every rank when something fails. The tokenizer is loaded
+lazily, on first use of text. Does not know: sockets (it gets a Communicator), HTTP, processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tpi.comm.base import Communicator
+from tpi.comm.wire import Kind, Message
+from tpi.forward import RankModel, run_layers
+from tpi.layers import rms_norm
+from tpi.sampling import SamplingParams, sample
+from tpi.weights import Manifest
+
+PREFILL_CHUNK = 512
+TokenCallback = Callable[[list[int], str], None]
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]  # new tokens, the EOS id included when generation ended on it
+    text: str  # decoded new text, cut before a stop string ("" without a tokenizer)
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    ttft_s: float  # request start to first token
+    decode_s: float  # first token to last token
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def ms_per_token(self) -> float:
+        n = len(self.ids) - 1
+        return 1000 * self.decode_s / n if n > 0 else float("nan")
+
+
+class Engine:
+    def __init__(self, shard_dir: str | Path, manifest: Manifest, comm: Communicator,
+                 max_context: int | None = None):
+        self.shard_dir, self.manifest, self.comm = Path(shard_dir), manifest, comm
+        self.cfg = manifest.config
+        self.model = RankModel(shard_dir, manifest, 0, max_context)
+        head = self.model.head
+        self.embed = head["embed_tokens.weight"]  # [V, D]
+        self.norm = head["norm.weight"]
+        self.lm_head = head.get("lm_head.weight", self.embed)  # tied embeddings share the table
+        gen_eos = manifest.raw.get("generation", {}).get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = set(self.cfg.eos_token_ids) | set(gen_eos)
+        self._next_seq = 1
+        self._tokenizer = None
+
+    @property
+    def max_context(self) -> int:
+        return self.model.max_context
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers, imported here only: the master's business)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.shard_dir))
+        return self._tokenizer
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int], extra: int) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("input_ids is empty: expected at least one token id")
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) + extra > self.max_context:
+            raise ValueError(f"{len(ids)} prompt tokens + {extra} new tokens exceed the maximum context "
+                             f"of {self.max_context} tokens")
+        return ids
+
+    def _run(self, seq: int, step: int, start: int, ids: list[int]) -> torch.Tensor:
+        """One step for tokens `ids` at positions [start, start + len): final hidden states [L, D]."""
+        x = F.embedding(torch.tensor(ids), self.embed)  # [L, D]
+        self.comm.broadcast(Message(Kind.STEP, seq, step, start=start, length=len(ids), tensor=x))
+        return run_layers(self.model, self.comm, x, seq, step, start)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()  # [L, V]
+
+    def _new_seq(self) -> int:
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        return seq
+
+    def _finish(self, seq: int, failed: bool) -> None:
+        self.model.cache.free(seq)
+        try:
+            self.comm.broadcast(Message(Kind.CANCEL if failed else Kind.FREE, seq))
+        except Exception:
+            if not failed:
+                raise
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """Prefill a fresh sequence; float32 logits [len(ids), V] for every position."""
+        ids = self._check_ids(ids, 0)
+        seq, failed = self._new_seq(), True
+        try:
+            out = []
+            for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                out.append(self._logits(self._run(seq, step, start, chunk)))
+            failed = False
+            return torch.cat(out)
+        finally:
+            self._finish(seq, failed)
+
+    @torch.inference_mode()
+    def generate(self, ids: Sequence[int], max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
+                 stop: Sequence[str] = (), on_token: TokenCallback | None = None) -> GenerationResult:
+        """Prefill `ids`, then decode until EOS, a stop string or `max_new_tokens`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+        ids = self._check_ids(ids, max_new_tokens)
+        stop = [s for s in stop if s]
+        texts = _TextStream(self.tokenizer if (stop or on_token) and self._has_tokenizer() else None, stop)
+        gen = params.generator()
+        seq, failed, t0 = self._new_seq(), True, time.perf_counter()
+        new: list[int] = []
+        finish, first_at = "length", t0
+        try:
+            step, h = 0, None
+            for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
+                h = self._run(seq, step, start, ids[start:start + PREFILL_CHUNK])
+            pos = len(ids)
+            while True:
+                token = sample(self._logits(h[-1:])[0], params, gen)
+                new.append(token)
+                if len(new) == 1:
+                    first_at = time.perf_counter()
+                delta, stopped = texts.push(new)
+                if on_token:
+                    on_token([token], delta)
+                if token in self.eos_ids or stopped:
+                    finish = "stop"
+                    break
+                if len(new) >= max_new_tokens:
+                    break
+                step += 1
+                h = self._run(seq, step, pos, [token])
+                pos += 1
+            tail = texts.flush()
+            if on_token and tail:
+                on_token([], tail)
+            failed = False
+        finally:
+            self._finish(seq, failed)
+        end = time.perf_counter()
+        return GenerationResult(new, texts.text, finish, len(ids), first_at - t0, end - first_at)
+
+    def _has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or any(
+            (self.shard_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+class _TextStream:
+    """Incremental detokenisation: text deltas that never split a character or a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.text, self.sent = "", 0
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """All new ids so far -> (text to emit now, whether a stop string appeared)."""
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in self.stop:
+            cut = text.find(s, max(0, self.sent - len(s)))
+            if cut >= 0:
+                self.text = text[:cut]
+                return self._emit(len(self.text)), True
+        self.text = text
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            safe = min(safe, len(text.rstrip("\ufffd")))
+        return self._emit(max(safe, self.sent)), False
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return delta
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))

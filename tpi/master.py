@@ -1,0 +1,168 @@
+"""The master node (rank 0): its communicator, its engine, and the local control channel.
+
+Owns: ``MasterNode`` (binds the workers' port, waits for them to join, runs the engine, shuts the
+workers down) and the control channel through which a local owner (``LocalCluster``, ``tpi run``)
+drives a master running in its own process: msgpack requests and replies over a ZeroMQ socket on
+loopback, each request validated. Does not know: HTTP, how its workers were started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+import torch
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tpi.comm.base import SingleRank
+from tpi.comm.zmq_star import StarMaster
+from tpi.engine import Engine, GenerationResult
+from tpi.sampling import SamplingParams
+from tpi.weights import Manifest
+
+log = logging.getLogger("tpi.master")
+
+
+@dataclass(frozen=True)
+class MasterOptions:
+    shard_dir: str
+    bind: str = "tcp://127.0.0.1:0"  # where workers connect
+    threads: int = 1
+    max_context: int | None = None
+    step_timeout: float = 60.0
+    join_timeout: float = 300.0
+    parent_pid: int | None = None
+
+
+class MasterNode:
+    """Rank 0: binds for workers at construction; `start` waits for them; `close` stops them."""
+
+    def __init__(self, opts: MasterOptions):
+        self.opts = opts
+        torch.set_num_threads(opts.threads)
+        self.manifest = Manifest.load(opts.shard_dir)
+        cfg, world = self.manifest.config, self.manifest.plan.world_size
+        self.comm = SingleRank() if world == 1 else StarMaster(
+            opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers,
+            opts.step_timeout)
+        self.address = getattr(self.comm, "address", None)
+        self.engine: Engine | None = None
+
+    def start(self) -> Engine:
+        self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.max_context)
+        if isinstance(self.comm, StarMaster):
+            self.comm.wait_for_workers(self.opts.join_timeout)
+        return self.engine
+
+    def close(self) -> None:
+        self.comm.close()
+
+
+# -- the control channel -----------------------------------------------------------------------
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["generate"]
+    ids: list[int] | None = None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = []
+    stream: bool = False
+
+
+class ForwardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["forward"]
+    ids: list[int]
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj)
+
+
+def _serve_request(engine: Engine, sock: zmq.Socket, ident: bytes, req: dict) -> None:
+    def reply(obj: dict, *frames) -> None:
+        sock.send_multipart([ident, pack(obj), *frames], copy=False)
+
+    op = req.get("op")
+    if op == "forward":
+        r = ForwardRequest.model_validate(req)
+        logits = engine.forward(r.ids)
+        reply({"event": "logits", "shape": list(logits.shape)}, memoryview(logits.numpy()).cast("B"))
+    elif op == "generate":
+        r = GenerateRequest.model_validate(req)
+        ids = r.ids if r.ids is not None else (
+            engine.encode_chat(r.messages) if r.messages is not None else engine.encode(r.prompt or ""))
+        on_token = (lambda new, text: reply({"event": "token", "ids": new, "text": text})) if r.stream else None
+        res: GenerationResult = engine.generate(
+            ids, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed), r.stop, on_token)
+        reply({"event": "done", "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
+               "prompt_tokens": res.prompt_tokens, "ttft_s": res.ttft_s, "decode_s": res.decode_s})
+    elif op == "info":
+        reply({"event": "info", "max_context": engine.max_context, "vocab_size": engine.cfg.vocab_size,
+               "world_size": engine.manifest.plan.world_size, "pid": os.getpid()})
+    else:
+        reply({"event": "error", "type": "ValueError", "message": f"unknown op {op!r}"})
+
+
+def master_process(opts: MasterOptions, ports, published: threading.Event) -> None:
+    """Entry point of a spawned master: publish the ports, wait for the owner and the workers,
+    then answer control requests until `shutdown`, the owner's exit, or a fatal error."""
+    logging.basicConfig(level=logging.WARNING, format="[rank 0] %(levelname)s %(message)s")
+    node = MasterNode(opts)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:0")
+    ports[0] = int(node.address.rsplit(":", 1)[1]) if node.address else 0
+    ports[1] = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+    published.set()
+    try:
+        _control_loop(node, sock, opts.parent_pid)
+    finally:
+        node.close()
+        sock.close(0)
+        ctx.term()
+
+
+def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) -> None:
+    engine = None
+    while True:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return  # the owner is gone
+        if not sock.poll(500):
+            continue
+        frames = sock.recv_multipart()
+        if len(frames) != 2:
+            continue
+        ident = frames[0]
+        try:
+            req = msgpack.unpackb(frames[1], raw=False)
+            if not isinstance(req, dict):
+                raise ValueError("a control request must be a map")
+            if req.get("op") == "shutdown":
+                sock.send_multipart([ident, pack({"event": "bye"})])
+                return
+            if engine is None:
+                engine = node.start()  # loads rank 0's weights and waits for the workers
+            if req.get("op") == "ready":
+                sock.send_multipart([ident, pack({"event": "ready"})])
+                continue
+            _serve_request(engine, sock, ident, req)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            sock.send_multipart([ident, pack({"event": "error", "type": "ValueError",
+                                              "message": f"{loc}: {err['msg']}"})])
+        except Exception as e:  # reported to the owner, who raises it; the master stays up
+            log.warning("request failed: %s", e)
+            sock.send_multipart([ident, pack({"event": "error", "type": type(e).__name__, "message": str(e)})])

@@ -1,0 +1,295 @@
+"""Checkpoints in, per-rank block files out: reading a HF checkpoint and splitting it for a plan.
+
+Owns: finding a checkpoint's tensors (single ``model.safetensors`` or an index of shards), refusing
+pickled checkpoints, writing one safetensors file per (rank, layer, block) plus the master's head
+file and a ``manifest.json`` (config, plan, each file's size and sha256), the split cache, and
+reading one rank's block back. Never holds a whole tensor of the source: rows are read by byte range
+in bounded chunks and written as they go. Does not know: the network, generation, transformers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+from tpi.config import ConfigError, ModelConfig
+from tpi.partition import ShardPlan, make_plan
+from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows, read_tensor
+
+SPLIT_FORMAT = 1
+CHUNK_BYTES = 32 * 1024 * 1024
+DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BlockKind = Literal["attn", "ffn", "head"]
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLED
+
+
+def block_file(rank: int, layer: int | None, kind: BlockKind) -> str:
+    """Relative path of one block's file inside a split folder."""
+    if kind == "head":
+        return f"rank{rank}/head.safetensors"
+    return f"rank{rank}/layer{layer:03d}.{kind}.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a HF checkpoint folder, by name, read by byte range."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        if not (self.dir / "config.json").is_file():
+            raise ConfigError(f"{self.dir}: no config.json; expected a Hugging Face checkpoint folder")
+        self.hf_config = json.loads((self.dir / "config.json").read_text())
+        self.config = ModelConfig.from_hf(self.hf_config)
+        self.tensors: dict[str, tuple[str, TensorInfo]] = {}
+        for f in self._weight_files():
+            for name, info in read_header(str(f)).items():
+                self.tensors[name] = (str(f), info)
+
+    def _weight_files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.dir / n for n in names]
+        files = sorted(self.dir.glob("*.safetensors"))
+        if files:
+            return files
+        pickled = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLED)
+        if pickled:
+            raise ConfigError(f"{self.dir}: only pickled checkpoint files ({', '.join(pickled)}); tpi never "
+                              "unpickles weights. Convert them to safetensors first.")
+        raise ConfigError(f"{self.dir}: no *.safetensors weights found")
+
+    def info(self, name: str) -> tuple[str, TensorInfo]:
+        if name not in self.tensors:
+            raise ShardFileError(f"{self.dir}: checkpoint has no tensor {name!r}")
+        return self.tensors[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the checkpoint: path, config and weight files' sizes and mtimes."""
+        h = hashlib.sha256(str(self.dir.resolve()).encode())
+        h.update(json.dumps(self.hf_config, sort_keys=True).encode())
+        for f in sorted({f for f, _ in self.tensors.values()}):
+            st = os.stat(f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A source tensor, optionally narrowed to rows or columns [a, b)."""
+
+    source: str
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+
+
+def _block_slices(cfg: ModelConfig, plan: ShardPlan, rank: int, layer: int, kind: BlockKind) -> dict[str, Slice]:
+    s, hd, p = plan.shards[rank], cfg.head_dim, f"model.layers.{layer}."
+    owns_bias = rank == bias_rank(plan, kind)
+    if kind == "attn":
+        q, kv = (s.heads[0] * hd, s.heads[1] * hd), (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
+        out = {"input_layernorm.weight": Slice(p + "input_layernorm.weight")}
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            out[f"{name}.weight"] = Slice(f"{p}self_attn.{name}.weight", rows=rows)
+            if cfg.qkv_bias:
+                out[f"{name}.bias"] = Slice(f"{p}self_attn.{name}.bias", rows=rows)
+        out["o_proj.weight"] = Slice(p + "self_attn.o_proj.weight", cols=q)
+        if cfg.attention_bias and owns_bias:
+            out["o_proj.bias"] = Slice(p + "self_attn.o_proj.bias")
+        if cfg.qk_norm:
+            out["q_norm.weight"] = Slice(p + "self_attn.q_norm.weight")
+            out["k_norm.weight"] = Slice(p + "self_attn.k_norm.weight")
+        return out
+    if kind == "ffn":
+        c = s.ffn
+        out = {"post_attention_layernorm.weight": Slice(p + "post_attention_layernorm.weight")}
+        for name in ("gate_proj", "up_proj"):
+            out[f"{name}.weight"] = Slice(f"{p}mlp.{name}.weight", rows=c)
+            if cfg.mlp_bias:
+                out[f"{name}.bias"] = Slice(f"{p}mlp.{name}.bias", rows=c)
+        out["down_proj.weight"] = Slice(p + "mlp.down_proj.weight", cols=c)
+        if cfg.mlp_bias and owns_bias:
+            out["down_proj.bias"] = Slice(p + "mlp.down_proj.bias")
+        return out
+    out = {"embed_tokens.weight": Slice("model.embed_tokens.weight"), "norm.weight": Slice("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = Slice("lm_head.weight")
+    return out
+
+
+def bias_rank(plan: ShardPlan, kind: BlockKind) -> int:
+    """The one rank that adds a row-parallel bias: rank 0 unless it has no share of the block."""
+    for s in plan.shards:
+        if (s.num_kv_heads if kind == "attn" else s.ffn_size) > 0:
+            return s.rank
+    raise ConfigError("no rank has a share of the model")
+
+
+def rank_blocks(cfg: ModelConfig, plan: ShardPlan, rank: int) -> list[tuple[int | None, BlockKind]]:
+    """The blocks rank `rank` owns, in execution order (head last, master only)."""
+    s = plan.shards[rank]
+    blocks: list[tuple[int | None, BlockKind]] = []
+    for layer in range(cfg.num_layers):
+        if s.num_kv_heads:
+            blocks.append((layer, "attn"))
+        if s.ffn_size:
+            blocks.append((layer, "ffn"))
+    if rank == 0:
+        blocks.append((None, "head"))
+    return blocks
+
+
+def _slice_shape(info: TensorInfo, sl: Slice) -> tuple[int, ...]:
+    shape = list(info.shape)
+    if sl.rows:
+        shape[0] = sl.rows[1] - sl.rows[0]
+    if sl.cols:
+        shape[1] = sl.cols[1] - sl.cols[0]
+    return tuple(shape)
+
+
+def _chunks(ckpt: Checkpoint, sl: Slice, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    path, info = ckpt.info(sl.source)
+    r0, r1 = sl.rows or (0, info.shape[0] if info.shape else 1)
+    step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for a in range(r0, r1, step):
+            rows = read_rows(fd, info, a, min(a + step, r1))
+            if sl.cols:
+                rows = rows[:, sl.cols[0]:sl.cols[1]]
+            yield rows.to(dtype)
+    finally:
+        os.close(fd)
+
+
+def _write_block(ckpt: Checkpoint, out_dir: Path, rel: str, slices: dict[str, Slice], dtype: torch.dtype) -> dict:
+    specs = [(name, dtype, _slice_shape(ckpt.info(sl.source)[1], sl)) for name, sl in slices.items()]
+    path = out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = StreamingWriter(str(path), specs)
+    for sl in slices.values():
+        for chunk in _chunks(ckpt, sl, dtype):
+            writer.write(chunk)
+    writer.close()
+    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+def split(model_dir: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
+          ratios=None, dtype: str = "float32", progress: bool = True) -> dict:
+    """Split a checkpoint into per-rank block files under `out_dir`; returns the manifest."""
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {list(DTYPE_NAMES)}")
+    ckpt = Checkpoint(model_dir)
+    cfg = ckpt.config
+    plan = make_plan(cfg, world_size, ratios)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(r, layer, kind) for r in range(world_size) for layer, kind in rank_blocks(cfg, plan, r)]
+    files = {}
+    bar = _progress(len(jobs), f"split {Path(model_dir).name} for {world_size} ranks", progress)
+    for r, layer, kind in jobs:
+        rel = block_file(r, layer, kind)
+        files[rel] = _write_block(ckpt, out, rel, _block_slices(cfg, plan, r, layer, kind), DTYPE_NAMES[dtype])
+        bar.update(1)
+    bar.close()
+    for f in Path(model_dir).iterdir():  # tokenizer, chat template, generation config: the master's
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            shutil.copy2(f, out / f.name)
+    manifest = {"format": SPLIT_FORMAT, "config": ckpt.hf_config, "dtype": dtype, "plan": plan.to_dict(),
+                "generation": _generation_config(Path(model_dir)), "files": files}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _generation_config(model_dir: Path) -> dict:
+    p = model_dir / "generation_config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TPI_CACHE") or Path.home() / ".cache" / "tpi")
+
+
+def split_cached(model_dir: str | os.PathLike, world_size: int, ratios=None, dtype: str = "float32",
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Split once per (checkpoint, world size, ratios, dtype) into the cache; safe across processes."""
+    ckpt = Checkpoint(model_dir)
+    plan = make_plan(ckpt.config, world_size, ratios)
+    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), plan.to_dict(), dtype, SPLIT_FORMAT]).encode())
+    root = Path(cache_dir) if cache_dir else cache_root() / "splits"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key.hexdigest()[:24]
+    with open(str(final) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the split done
+        if not (final / "manifest.json").is_file():
+            tmp = Path(f"{final}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            split(model_dir, tmp, world_size, plan.ratios, dtype, progress)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    return final
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A split folder's manifest, with the parsed config and plan."""
+
+    raw: dict
+    config: ModelConfig
+    plan: ShardPlan
+    dtype: torch.dtype
+    digest: str  # sha256 of the manifest file: ranks compare it when they meet
+
+    @classmethod
+    def load(cls, shard_dir: str | os.PathLike) -> Manifest:
+        path = Path(shard_dir) / "manifest.json"
+        if not path.is_file():
+            raise ConfigError(f"{shard_dir}: no manifest.json; expected a folder written by `tpi split`")
+        data = path.read_bytes()
+        raw = json.loads(data)
+        if raw.get("format") != SPLIT_FORMAT:
+            raise ConfigError(f"{path}: split format {raw.get('format')!r}, expected {SPLIT_FORMAT}; split again")
+        return cls(raw, ModelConfig.from_hf(raw["config"]), ShardPlan.from_dict(raw["plan"]),
+                   DTYPE_NAMES[raw["dtype"]], hashlib.sha256(data).hexdigest())
+
+
+def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
+               kind: BlockKind) -> dict[str, torch.Tensor]:
+    """Read one block file whole; its size is checked against the manifest first."""
+    rel = block_file(rank, layer, kind)
+    path = Path(shard_dir) / rel
+    expected = manifest.raw["files"].get(rel)
+    if expected is None:
+        raise ShardFileError(f"{path}: not listed in the manifest")
+    if not path.is_file() or path.stat().st_size != expected["size"]:
+        size = path.stat().st_size if path.is_file() else "missing"
+        raise ShardFileError(f"{path}: size {size}, manifest says {expected['size']} bytes")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return {name: read_tensor(fd, info) for name, info in read_header(str(path)).items()}
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""A worker rank: join the master, then run steps until told to stop.
+
+Owns: the worker's loop (receive a step, run every layer with its two allreduces, repeat; free or
+cancel sequences on request) and its process entry point. Does not know: tokenizers, text,
+sampling, HTTP. It imports no transformers code, to keep small devices' memory for weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from tpi.comm.base import CommError, Shutdown, StepAborted
+from tpi.comm.wire import Kind
+from tpi.comm.zmq_star import StarWorker
+from tpi.forward import RankModel, run_layers
+from tpi.kv_cache import CacheError
+from tpi.weights import Manifest
+
+log = logging.getLogger("tpi.worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    master: str  # tcp://host:port
+    rank: int
+    shard_dir: str
+    threads: int = 1
+    max_context: int | None = None
+    step_timeout: float = 60.0
+    join_timeout: float = 300.0
+    parent_pid: int | None = None  # exit when this process is gone (LocalCluster children)
+
+
+def serve(opts: WorkerOptions) -> None:
+    """Load this rank's shard, join the master and serve steps until SHUTDOWN or a lost master."""
+    torch.set_num_threads(opts.threads)
+    manifest = Manifest.load(opts.shard_dir)
+    if not 1 <= opts.rank < manifest.plan.world_size:
+        raise CommError(f"rank {opts.rank} is not a worker rank of this split (1..{manifest.plan.world_size - 1})")
+    model = RankModel(opts.shard_dir, manifest, opts.rank, opts.max_context)
+    cfg = manifest.config
+    comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
+                      manifest.dtype, cfg.num_layers, opts.step_timeout)
+    stop = _watch_parent(opts.parent_pid)
+    try:
+        comm.join(opts.join_timeout)
+        log.info("rank %d joined %s", opts.rank, opts.master)
+        while not stop.is_set():
+            try:
+                msg = comm.receive(timeout=1.0)
+            except Shutdown:
+                return
+            except CommError:
+                continue  # idle: nothing to do, check the parent and wait again
+            if msg.kind == Kind.STEP:
+                _step(model, comm, msg)
+            elif msg.kind in (Kind.FREE, Kind.CANCEL):
+                model.cache.free(msg.seq)
+    finally:
+        comm.close()
+
+
+def _step(model: RankModel, comm: StarWorker, msg) -> None:
+    try:
+        with torch.inference_mode():
+            run_layers(model, comm, msg.tensor, msg.seq, msg.step, msg.start)
+    except StepAborted:
+        model.cache.free(msg.seq)
+    except CacheError as e:
+        comm.send_error(str(e))
+        model.cache.free(msg.seq)
+
+
+def _watch_parent(parent_pid: int | None) -> threading.Event:
+    """An event set when `parent_pid` exits, so that a killed owner leaves no orphan workers."""
+    stop = threading.Event()
+    if parent_pid is None:
+        return stop
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != parent_pid:
+                stop.set()
+                os._exit(0)  # the owner is gone and the main thread may be blocked in a step
+
+    threading.Thread(target=watch, daemon=True, name="tpi-parent-watch").start()
+    return stop
+
+
+def worker_process(opts: WorkerOptions) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {opts.rank}] %(levelname)s %(message)s")
+    try:
+        serve(opts)
+    except Shutdown:
+        pass
