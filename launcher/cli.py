@@ -1,2 +1,168 @@
-def main():
-    raise SystemExit("todo")
+"""`tpi` command line: parse arguments, build option objects, hand them to the library.
+
+Subcommands: split, worker, master, run. Nothing here knows model math or the wire protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from tpi.config import ConfigError
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="the prompt; rendered with the chat template unless --raw")
+    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def _add_rank(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank process (default 1)")
+    p.add_argument("--max-context", type=int, help="KV cache length (default: min(model max, 4096))")
+    p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for a peer within a step")
+    p.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for the cluster to form")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpi", description="tensor-parallel inference on small devices")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("split", help="split a HF checkpoint into per-rank block files")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--ratios", help="per-rank shares, rank 0 first, e.g. 3,1,1")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    p = sub.add_parser("worker", help="run one worker rank that connects to a master")
+    p.add_argument("--master", required=True, help="the master's address, tcp://HOST:PORT")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
+    _add_rank(p)
+
+    p = sub.add_parser("master", help="run rank 0: wait for the workers, then answer prompts")
+    p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
+    p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="where workers connect (default %(default)s)")
+    _add_rank(p)
+    _add_generation(p)
+
+    p = sub.add_parser("run", help="split (cached), start master and workers locally, generate, stop")
+    p.add_argument("--model", help="a HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--world-size", type=int, default=3)
+    p.add_argument("--ratios")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_rank(p)
+    _add_generation(p)
+    return parser
+
+
+def _messages(args) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": args.system}] if args.system else []
+    return msgs + [{"role": "user", "content": args.prompt}]
+
+
+def _print_timing(done: dict) -> None:
+    n = len(done["ids"])
+    ms = 1000 * done["decode_s"] / (n - 1) if n > 1 else float("nan")
+    print(f"\n[{n} tokens, {done['finish_reason']}; TTFT {1000 * done['ttft_s']:.0f} ms, "
+          f"{ms:.1f} ms/token]", file=sys.stderr)
+
+
+def cmd_split(args) -> None:
+    from tpi.weights import split
+
+    m = split(args.model_dir, args.out_dir, args.world_size, args.ratios, args.dtype)
+    total = sum(f["size"] for f in m["files"].values())
+    print(f"wrote {len(m['files'])} block files ({total / 1e6:.1f} MB) and manifest.json to {args.out_dir}")
+
+
+def cmd_worker(args) -> None:
+    from tpi.worker import WorkerOptions, serve
+
+    serve(WorkerOptions(args.master, args.rank, args.shards, args.threads, args.max_context,
+                        args.step_timeout, args.join_timeout))
+
+
+def cmd_master(args) -> None:
+    from tpi.master import MasterNode, MasterOptions
+    from tpi.sampling import SamplingParams
+
+    node = MasterNode(MasterOptions(args.shards, args.bind, args.threads, args.max_context, args.step_timeout,
+                                    args.join_timeout))
+    try:
+        print(f"rank 0 listening at {node.address}; waiting for {node.manifest.plan.world_size - 1} worker(s)",
+              file=sys.stderr)
+        engine = node.start()
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        prompts = [args.prompt] if args.prompt else _stdin_prompts()
+        for prompt in prompts:
+            ids = engine.encode(prompt) if args.raw else engine.encode_chat(
+                _messages(argparse.Namespace(system=args.system, prompt=prompt)))
+            res = engine.generate(ids, args.max_new_tokens, params, args.stop,
+                                  lambda new, text: print(text, end="", flush=True))
+            _print_timing({"ids": res.ids, "finish_reason": res.finish_reason, "ttft_s": res.ttft_s,
+                           "decode_s": res.decode_s})
+    finally:
+        node.close()
+
+
+def _stdin_prompts():
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+
+
+def cmd_run(args) -> None:
+    from tpi import LocalCluster
+
+    if not args.prompt:
+        raise SystemExit("tpi run: --prompt is required")
+    if args.model is None:
+        from tpi.embedded import default_model_dir
+
+        print("preparing the embedded SmolLM2-135M-Instruct (once) ...", file=sys.stderr)
+        args.model = default_model_dir()
+    t0 = time.perf_counter()
+    with LocalCluster(args.model, args.world_size, args.ratios, args.dtype, threads=args.threads,
+                      max_context=args.max_context, step_timeout=args.step_timeout,
+                      start_timeout=args.join_timeout, progress=True) as cluster:
+        print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}
+        for event, _ in cluster.stream(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                       **source):
+            if event["event"] == "token":
+                print(event["text"], end="", flush=True)
+            else:
+                _print_timing(event)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run}
+    try:
+        commands[args.command](args)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"tpi {args.command}: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -136,7 +136,7 @@ class Engine:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
         ids = self._check_ids(ids, max_new_tokens)
         stop = [s for s in stop if s]
-        texts = _TextStream(self.tokenizer if (stop or on_token) and self._has_tokenizer() else None, stop)
+        texts = _TextStream(self.tokenizer if self._has_tokenizer() else None, stop)
         gen = params.generator()
         seq, failed, t0 = self._new_seq(), True, time.perf_counter()
         new: list[int] = []
