@@ -28,9 +28,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -123,14 +124,8 @@ def prompt_ids(name: str, path: Path, n: int, vocab_size: int, seed: int = 0) ->
 
 
 # -- measurement -------------------------------------------------------------------------------
-def repeat(row: Row, run: Callable[[], Sample], repeats: int) -> Row:
-    """One warm-up, then `repeats` timed runs appended to `row`."""
-    run()
-    for _ in range(repeats):
-        row.samples.append(run())
-    print(f"  {row.runtime:12s} ws={row.world_size} threads={row.threads}: TTFT {row.ttft_ms:8.1f} ms, "
-          f"{row.ms_per_token:7.2f} ms/token", flush=True)
-    return row
+Runner = Callable[[], Sample]
+SETTLE_S = 0.2  # between runs: OpenMP threads of the previous run stop spinning, so they steal no core
 
 
 def eos_ids(model) -> set[int]:
@@ -156,59 +151,84 @@ def hf_greedy(model, ids: list[int], new_tokens: int, eos: set[int]) -> Sample:
     return Sample(first - t0, time.perf_counter() - first, new)
 
 
-def measure_transformers(name: str, model, ids: list[int], new_tokens: int, threads: int,
-                         repeats: int) -> Row:
-    torch.set_num_threads(threads)
+def hf_runner(model, ids: list[int], new_tokens: int, threads: int) -> Runner:
     eos = eos_ids(model)
-    return repeat(Row(name, "transformers", 1, threads), lambda: hf_greedy(model, ids, new_tokens, eos), repeats)
+
+    def run() -> Sample:
+        torch.set_num_threads(threads)  # this process's count changes between transformers rows
+        return hf_greedy(model, ids, new_tokens, eos)
+
+    return run
 
 
-def measure_tpi(name: str, path: Path, ids: list[int], new_tokens: int, world_size: int, threads: int,
-                repeats: int, cache_dir: Path | None) -> Row:
-    from tpi import LocalCluster
-
+def tpi_runner(cluster, ids: list[int], new_tokens: int) -> Runner:
     def run() -> Sample:
         r = cluster.generate_full(ids, max_new_tokens=new_tokens, temperature=0.0)
         return Sample(r["ttft_s"], r["decode_s"], list(r["ids"]))
 
-    with LocalCluster(path, world_size=world_size, threads=threads, cache_dir=cache_dir) as cluster:
-        return repeat(Row(name, "tpi", world_size, threads), run, repeats)
+    return run
+
+
+def measure(configs: list[tuple[Row, Runner]], repeats: int) -> list[Row]:
+    """One warm-up each, then `repeats` rounds over every configuration, rotating the order each
+    round, so that the machine's slow drifts hit every configuration alike."""
+    for _, run in configs:
+        run()
+    for r in range(repeats):
+        k = r % len(configs)
+        for row, run in configs[k:] + configs[:k]:
+            time.sleep(SETTLE_S)
+            row.samples.append(run())
+    for row, _ in configs:
+        print(f"  {row.runtime:12s} {row.world_size} × {row.threads}: TTFT {row.ttft_ms:8.1f} ms, "
+              f"{row.ms_per_token:7.2f} ms/token", flush=True)
+    return [row for row, _ in configs]
 
 
 def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> list[Row]:
-    """Every transformers thread count, then every world size, for one model."""
+    """Every transformers thread count and every world size of one model, all alive at once."""
     from transformers import AutoModelForCausalLM
+
+    from tpi import LocalCluster
 
     path = model_dir(name, scratch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = prompt_ids(name, path, args.prompt_tokens, model.config.vocab_size)
     print(f"[{name}] {model.num_parameters() / 1e6:.1f}M parameters, prompt of {len(ids)} tokens", flush=True)
-    rows = [measure_transformers(name, model, ids, args.new_tokens, t, args.repeats) for t in args.hf_threads]
-    del model
+    configs = [(Row(name, "transformers", 1, t), hf_runner(model, ids, args.new_tokens, t))
+               for t in args.hf_threads]
     # random checkpoints are split into the scratch folder, not into the shared cache
     cache_dir = None if name == "smollm2" else scratch / "splits"
-    rows += [measure_tpi(name, path, ids, args.new_tokens, ws, args.threads, args.repeats, cache_dir)
-             for ws in args.world_sizes]
-    return rows
+    with ExitStack() as stack:
+        for ws in args.world_sizes:
+            cluster = stack.enter_context(LocalCluster(path, world_size=ws, threads=args.threads,
+                                                       cache_dir=cache_dir))
+            configs.append((Row(name, "tpi", ws, args.threads), tpi_runner(cluster, ids, args.new_tokens)))
+        print(f"[{name}] clusters up: world sizes {args.world_sizes}; measuring", flush=True)
+        return measure(configs, args.repeats)
 
 
 # -- report ------------------------------------------------------------------------------------
 def header(args: argparse.Namespace) -> str:
     cpus = os.cpu_count()
-    return "\n".join([
-        "# tpi latency: LocalCluster vs transformers, same weights, greedy decoding",
-        "",
-        f"- {platform.machine()}, {cpus} logical CPUs, torch {torch.__version__}, "
-        f"transformers {_transformers_version()}, float32",
-        f"- prompt {args.prompt_tokens} tokens, up to {args.new_tokens} new tokens, median of {args.repeats} "
-        f"repeats after one warm-up",
-        f"- tpi: every rank its own process on loopback, {args.threads} torch thread(s) each; "
-        f"transformers: one process, {', '.join(map(str, args.hf_threads))} thread(s)",
-        f"- **All processes share this machine's {cpus} cores: this measures tpi's overhead "
-        "(process hops, ZeroMQ allreduces), not the speed-up of separate devices.**",
-        "- ratio = tpi / transformers with the thread count named; < 1 means tpi is faster",
-        f"- command: `{shlex.join(['python', 'bench/latency.py', *sys.argv[1:]])}`",
-    ])
+    hf_threads = ", ".join(map(str, args.hf_threads))
+    command = shlex.join(["python", "bench/latency.py", *sys.argv[1:]])
+    bullets = [
+        (f"{platform.machine()}, {cpus} logical CPUs, torch {torch.__version__}, "
+         f"transformers {_transformers_version()}, float32"),
+        (f"prompt {args.prompt_tokens} tokens, up to {args.new_tokens} new tokens (greedy); medians of "
+         f"{args.repeats} rounds after one warm-up; every configuration is alive at once and measured in "
+         "turn each round, so that the machine's drifts hit them alike"),
+        (f"tpi: every rank its own process on loopback, {args.threads} torch thread(s) each; "
+         f"transformers: one process, {hf_threads} thread(s)"),
+        (f"**All processes share this machine's {cpus} cores: this measures tpi's overhead "
+         "(process hops, ZeroMQ allreduces), not the speed-up of separate devices.**"),
+        ("ratio = tpi / transformers with the thread count named (< 1: tpi is faster); tokens identical: "
+         "every repeat's greedy tokens equal transformers' (the first thread count's)"),
+        f"command: `{command}`",
+    ]
+    title = "# tpi latency: LocalCluster vs transformers, same weights"
+    return "\n".join([title, "", *(f"- {b}" for b in bullets)])
 
 
 def _transformers_version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -26,7 +27,7 @@ SMOLLM2 = model_config(heads=9, kv_heads=3, intermediate=1536, head_dim=64)
 def check_ranges(ranges: list[tuple[int, int]], total: int) -> None:
     """[start, end) ranges in rank order: start at 0, touch each other, end at `total`."""
     assert ranges[0][0] == 0, ranges
-    for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+    for (a0, a1), (b0, _) in pairwise(ranges):
         assert a0 <= a1 == b0, ranges
     assert ranges[-1][0] <= ranges[-1][1] == total, ranges
 

@@ -62,14 +62,14 @@ def test_manifest_lists_every_file_with_size_and_sha256(split3) -> None:
 
 def test_manifest_plan_and_blocks(llama3, split3) -> None:
     _, _, cfg = llama3
-    out, manifest = split3
+    manifest = split3[1]
     assert manifest["plan"] == make_plan(cfg, WORLD).to_dict()
     expected = {block_file(r, layer, kind) for r in range(WORLD) for layer in range(cfg.num_layers)
                 for kind in ("attn", "ffn")} | {block_file(0, None, "head")}
     assert set(manifest["files"]) == expected
 
 
-def rank_tensors(out: Path, cfg: ModelConfig, layer: int, kind: str) -> list[dict[str, torch.Tensor]]:
+def rank_tensors(out: Path, layer: int, kind: str) -> list[dict[str, torch.Tensor]]:
     return [load_file(out / block_file(r, layer, kind)) for r in range(WORLD)]
 
 
@@ -79,7 +79,7 @@ def test_attention_slices(llama3, split3) -> None:
     hd = cfg.head_dim
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}.self_attn."
-        ranks = rank_tensors(out, cfg, layer, "attn")
+        ranks = rank_tensors(out, layer, "attn")
         for r, (t, shard) in enumerate(zip(ranks, manifest["plan"]["shards"])):
             q = slice(shard["heads"][0] * hd, shard["heads"][1] * hd)
             kv = slice(shard["kv_heads"][0] * hd, shard["kv_heads"][1] * hd)
@@ -102,7 +102,7 @@ def test_ffn_slices(llama3, split3) -> None:
     out, manifest = split3
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}.mlp."
-        ranks = rank_tensors(out, cfg, layer, "ffn")
+        ranks = rank_tensors(out, layer, "ffn")
         for r, (t, shard) in enumerate(zip(ranks, manifest["plan"]["shards"])):
             c = slice(*shard["ffn"])
             for name in ("gate_proj", "up_proj"):
@@ -120,9 +120,9 @@ def bias_owners(out: Path, layers: int, ranks: int) -> dict[str, set[int]]:
             for kind in ("attn", "ffn"):
                 f = out / block_file(r, layer, kind)
                 names = set(read_header(str(f))) if f.is_file() else set()
-                for bias in owners:
+                for bias, ranks_with in owners.items():
                     if bias in names:
-                        owners[bias].add(r)
+                        ranks_with.add(r)
     return owners
 
 

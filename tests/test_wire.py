@@ -29,7 +29,7 @@ ROW = bytes(4 * HIDDEN)  # one row of float32 zeros
 
 
 def sample(kind: Kind, dtype: torch.dtype | None) -> Message:
-    fields = dict(seq=7, step=3, layer=1, phase=1, start=5)
+    fields = {"seq": 7, "step": 3, "layer": 1, "phase": 1, "start": 5}
     info = {"reason": "manifest differs", "rank": 2} if kind in INFO_KINDS else {}
     if dtype is None:
         return Message(kind, info=info, **fields)

@@ -1,0 +1,69 @@
+"""The command line as a user runs it: `tpi split`, then `tpi master` and `tpi worker` started by
+hand as separate processes, and `tpi run` on the embedded model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+PROMPT_TEXT = "What is the capital of France?"
+
+
+def _tpi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+@pytest.mark.timeout(180)
+def test_split_master_and_workers_by_hand(smollm2, tmp_path):
+    path, model, tok = smollm2
+    shards = tmp_path / "shards"
+    subprocess.run(_tpi("split", str(path), str(shards), "--world-size", "3", "--ratios", "2,1,1"),
+                   check=True, timeout=120, capture_output=True)
+    master = subprocess.Popen(
+        _tpi("master", "--shards", str(shards), "--bind", "tcp://127.0.0.1:0", "--prompt", PROMPT_TEXT,
+             "--max-new-tokens", "16", "--join-timeout", "60"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        line = master.stderr.readline()
+        address = re.search(r"tcp://[\d.]+:\d+", line)
+        assert address, line
+        workers = [subprocess.Popen(_tpi("worker", "--master", address.group(0), "--rank", str(r),
+                                         "--shards", str(shards)), stderr=subprocess.PIPE, text=True)
+                   for r in (1, 2)]
+        out, err = master.communicate(timeout=120)
+        assert master.returncode == 0, err
+        for w in workers:  # the master's exit tells its workers to stop
+            assert w.wait(timeout=30) == 0, w.stderr.read()
+    finally:
+        for p in (master, *workers):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT_TEXT}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([list(ids)]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+    assert out == tok.decode(ref, skip_special_tokens=True)
+    assert "ms/token" in err
+
+
+@pytest.mark.timeout(180)
+def test_tpi_run_embedded_model(smollm2):
+    out = subprocess.run(_tpi("run", "--world-size", "3", "--prompt", PROMPT_TEXT, "--max-new-tokens", "12"),
+                         capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert re.search(r"TTFT \d+ ms, [\d.]+ ms/token", out.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_cli_errors_name_the_value(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    out = subprocess.run(_tpi("split", str(tmp_path), str(tmp_path / "out"), "--world-size", "2"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "GPT2LMHeadModel" in out.stderr and "LlamaForCausalLM" in out.stderr
