@@ -71,9 +71,11 @@ class ModelConfig:
         arch = _architecture(cfg)
         hidden = _int(cfg, "hidden_size")
         heads = _int(cfg, "num_attention_heads")
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        kv_heads = _int(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") is not None else heads
+        head_dim = _int(cfg, "head_dim") if cfg.get("head_dim") is not None else hidden // heads
         layers = _int(cfg, "num_hidden_layers")
+        if head_dim % 2:
+            raise ConfigError(f"head_dim={head_dim}: expected an even number (rotary embeddings pair dimensions)")
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         act = cfg.get("hidden_act", "silu")

@@ -66,13 +66,11 @@ def parse_ratios(text: str | Sequence[float] | None, world_size: int) -> tuple[f
         raise ConfigError(f"world_size={world_size}: expected at least 1")
     if text is None:
         return (1.0,) * world_size
-    if isinstance(text, str):
-        try:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"ratios={text!r}: expected comma-separated numbers such as 3,1,1") from None
-    else:
-        values = [float(v) for v in text]
+    items = [v for v in text.split(",") if v.strip()] if isinstance(text, str) else list(text)
+    try:
+        values = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratios={text!r}: expected numbers, one per rank, such as 3,1,1") from None
     if len(values) != world_size:
         raise ConfigError(f"ratios={values} has {len(values)} values; expected one per rank, {world_size}")
     if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:

@@ -56,20 +56,26 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             header = json.loads(f.read(hlen))
         except (ValueError, UnicodeDecodeError) as e:
             raise ShardFileError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ShardFileError(f"{path}: header is not a JSON object")
     base = 8 + hlen
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(meta.get("dtype"))
+        try:
+            dtype = DTYPES.get(meta["dtype"])
+            begin, end = (int(v) for v in meta["data_offsets"])
+            shape = tuple(int(s) for s in meta["shape"])
+        except (TypeError, KeyError, ValueError):
+            raise ShardFileError(f"{path}: tensor {name} has a malformed entry {str(meta)[:100]}") from None
         if dtype is None:
             raise ShardFileError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')!r}")
-        begin, end = meta["data_offsets"]
-        shape = tuple(int(s) for s in meta["shape"])
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * dtype.itemsize or base + end > size or begin < 0:
+        if (any(s < 0 for s in shape) or not 0 <= begin <= end or end - begin != numel * dtype.itemsize
+                or base + end > size):
             raise ShardFileError(f"{path}: tensor {name} has offsets {begin}..{end} that do not match "
                                  f"shape {shape} or the file size {size}")
         out[name] = TensorInfo(dtype, shape, base + begin, end - begin)

@@ -92,6 +92,8 @@ def encode(msg: Message) -> list:
     t = msg.tensor.contiguous()
     header["dtype"] = DTYPE_NAMES[t.dtype]
     header["shape"] = list(t.shape)
+    if t.numel() == 0:
+        return [msgpack.packb(header), b""]
     return [msgpack.packb(header), memoryview(t.view(torch.uint8).numpy()).cast("B")]
 
 
@@ -119,6 +121,8 @@ def decode(frames: list, expect: Expect) -> Message:
         raise WireError(f"header is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise WireError(f"header must be a map, got {type(header).__name__}")
+    if not all(isinstance(k, str) for k in header):
+        raise WireError("unknown header fields: keys must be strings")
     kind = _kind(header.get("k"), expect)
     values = {name: _int(header, name, expect) for name in INT_FIELDS}
     info = _info(header.get("info", {}))
@@ -142,6 +146,8 @@ def _bytes(frame) -> bytes | memoryview:
 
 
 def _kind(value: Any, expect: Expect) -> Kind:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(f"unknown message kind {value!r}: expected an integer")
     try:
         kind = Kind(value)
     except (ValueError, TypeError):
@@ -177,11 +183,13 @@ def _info(value: Any) -> dict[str, Any]:
 
 
 def _tensor(header: dict, frame, length: int, expect: Expect) -> torch.Tensor:
-    dtype = DTYPES.get(header.get("dtype"))
-    if dtype != expect.dtype:
-        raise WireError(f"tensor dtype {header.get('dtype')!r}: expected {DTYPE_NAMES[expect.dtype]}")
+    name = header.get("dtype")
+    if not isinstance(name, str) or DTYPES.get(name) != expect.dtype:
+        raise WireError(f"tensor dtype {name!r}: expected {DTYPE_NAMES[expect.dtype]}")
+    dtype = expect.dtype
     shape = header.get("shape")
-    if shape != [length, expect.hidden]:
+    if (not isinstance(shape, list) or any(not isinstance(s, int) or isinstance(s, bool) for s in shape)
+            or shape != [length, expect.hidden]):
         raise WireError(f"tensor shape {shape!r}: expected [{length}, {expect.hidden}]")
     data = _bytes(frame)
     nbytes = length * expect.hidden * dtype.itemsize
