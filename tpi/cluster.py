@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 import zmq
 
-from tpi.master import MasterOptions, master_process
+from tpi.forward import MemoryOptions, parse_bytes
+from tpi.master import MasterOptions, master_process, report_errors
 from tpi.weights import split_cached
 from tpi.worker import WorkerOptions, worker_process
 
@@ -28,27 +31,38 @@ class ClusterError(RuntimeError):
     """The cluster failed a request or could not start; the message says which rank and why."""
 
 
-def _worker_entry(opts: WorkerOptions, ports, published) -> None:
+def _worker_entry(opts: WorkerOptions, ports, published, error_path: str) -> None:
     """Spawned worker: wait for the master to publish its port, then serve."""
-    if not published.wait(opts.join_timeout):
-        raise SystemExit(f"rank {opts.rank}: the master never published its port")
-    worker_process(WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"}))
+    with report_errors(error_path):
+        if not published.wait(opts.join_timeout):
+            raise SystemExit(f"rank {opts.rank}: the master never published its port")
+        worker_process(WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"}))
 
 
 class LocalCluster:
     def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
                  dtype: str = "float32", *, threads: int = 1, max_context: int | None = None,
                  cache_dir: str | os.PathLike | None = None, step_timeout: float = 60.0,
-                 start_timeout: float = 300.0, progress: bool = False):
+                 start_timeout: float = 300.0, progress: bool = False, window: int | None = None,
+                 memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
+                 stream_all: bool = False):
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
         self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
         self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
+        budgets = list(memory_budget) if isinstance(memory_budget, (list, tuple)) else [memory_budget] * world_size
+        if len(budgets) != world_size:
+            raise ClusterError(f"memory_budget has {len(budgets)} values; expected one per rank, {world_size}")
+        for b in budgets:
+            parse_bytes(b)  # refuse a malformed budget here, before any process starts
+        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all) for b in budgets]
         self.shard_dir: Path | None = None
         self.procs: dict[int, mp.Process] = {}
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self.master_address: str | None = None
         self.info: dict[str, Any] = {}
+        self._rid = 0
+        self._err_dir: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -72,14 +86,16 @@ class LocalCluster:
         ports, published = ctx.Array("i", 2), ctx.Event()
         me = os.getpid()
         mopts = MasterOptions(str(self.shard_dir), threads=self.threads, max_context=self.max_context,
-                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=me)
-        self.procs[0] = ctx.Process(target=master_process, args=(mopts, ports, published), daemon=True,
-                                    name="tpi-rank0")
+                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=me,
+                              memory=self.memory[0])
+        self._err_dir = tempfile.mkdtemp(prefix="tpi-cluster-")
+        self.procs[0] = ctx.Process(target=master_process, args=(mopts, ports, published, self._err_path(0)),
+                                    daemon=True, name="tpi-rank0")
         for rank in range(1, self.world_size):
             wopts = WorkerOptions("", rank, str(self.shard_dir), self.threads, self.max_context,
-                                  self.step_timeout, self.start_timeout, parent_pid=me)
-            self.procs[rank] = ctx.Process(target=_worker_entry, args=(wopts, ports, published), daemon=True,
-                                           name=f"tpi-rank{rank}")
+                                  self.step_timeout, self.start_timeout, parent_pid=me, memory=self.memory[rank])
+            self.procs[rank] = ctx.Process(target=_worker_entry, args=(wopts, ports, published, self._err_path(rank)),
+                                           daemon=True, name=f"tpi-rank{rank}")
         for p in self.procs.values():
             p.start()
         deadline = time.monotonic() + self.start_timeout
@@ -92,7 +108,7 @@ class LocalCluster:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(f"tcp://127.0.0.1:{ports[1]}")
-        self._request({"op": "ready"}, timeout=self.start_timeout)
+        self._request({"op": "ready"}, timeout=self.start_timeout, watch_all=True)
         self.info = self._request({"op": "info"})[0]
 
     def close(self) -> None:
@@ -115,6 +131,9 @@ class LocalCluster:
                 p.kill()
                 p.join(2)
         self.procs.clear()
+        if self._err_dir is not None:
+            shutil.rmtree(self._err_dir, ignore_errors=True)
+            self._err_dir = None
         if self._sock is not None:
             self._sock.close(0)
             self._ctx.term()
@@ -129,34 +148,49 @@ class LocalCluster:
     def worker_pids(self) -> dict[int, int]:
         return {r: pid for r, pid in self.pids.items() if r != 0}
 
-    def _check_children(self) -> None:
-        for rank, p in self.procs.items():
+    def _err_path(self, rank: int) -> str:
+        return os.path.join(self._err_dir, f"rank{rank}.err")
+
+    def _check_children(self, ranks=None) -> None:
+        for rank in ranks if ranks is not None else list(self.procs):
+            p = self.procs[rank]
             if p.exitcode is not None:
-                raise ClusterError(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode} during start-up")
+                path = self._err_path(rank)
+                why = open(path).read() if os.path.exists(path) else "no error was reported"
+                raise ClusterError(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}: {why}")
 
     # -- requests ----------------------------------------------------------------------------------
-    def _events(self, req: dict, timeout: float | None = None) -> Iterator[tuple[dict, list]]:
+    def _events(self, req: dict, timeout: float | None = None, watch_all: bool = False
+                ) -> Iterator[tuple[dict, list]]:
+        """Send a request; yield its reply events. Watches the master (every rank during start-up)."""
         if self._sock is None:
             raise ClusterError("the cluster is not running: use it inside `with LocalCluster(...)` or call start()")
-        self._sock.send(msgpack.packb(req))
+        self._rid += 1
+        self._sock.send(msgpack.packb({**req, "rid": self._rid}))
         limit = timeout or self.step_timeout * 2 + 30
         while True:
             deadline = time.monotonic() + limit
             while not self._sock.poll(200):
-                if not self.procs[0].is_alive():
-                    raise ClusterError(f"the master (pid {self.procs[0].pid}) exited with code {self.procs[0].exitcode}")
+                self._check_children(None if watch_all else [0])
                 if time.monotonic() > deadline:
                     raise ClusterError(f"no answer from the master within {limit:.0f}s")
             frames = self._sock.recv_multipart()
             event = msgpack.unpackb(frames[0], raw=False)
+            if event.get("rid") != self._rid:
+                continue  # the late answer to a request we gave up on
             if event.get("event") == "error":
                 raise ClusterError(f"{event.get('type')}: {event.get('message')}")
             yield event, frames[1:]
             if event.get("event") not in ("token",):
                 return
 
-    def _request(self, req: dict, timeout: float | None = None) -> tuple[dict, list]:
-        return next(iter(self._events(req, timeout)))
+    def _request(self, req: dict, timeout: float | None = None, watch_all: bool = False) -> tuple[dict, list]:
+        return next(iter(self._events(req, timeout, watch_all)))
+
+    def stats(self) -> list[dict]:
+        """One record per rank, master first: peak_rss_bytes (VmHWM), bytes_read, stall_s, compute_s,
+        allreduce_s since start, and the residency (pinned and streamed blocks, window)."""
+        return self._request({"op": "stats"})[0]["ranks"]
 
     def forward(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Prefill logits of a fresh sequence: float32 [len(input_ids), vocab]."""

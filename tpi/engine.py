@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Kind, Message
-from tpi.forward import RankModel, run_layers
-from tpi.layers import rms_norm
+from tpi.forward import PREFILL_CHUNK, MemoryOptions, RankModel, run_layers
 from tpi.sampling import SamplingParams, sample
 from tpi.weights import Manifest
 
-PREFILL_CHUNK = 512
 TokenCallback = Callable[[list[int], str], None]
 
 
@@ -45,14 +42,10 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, shard_dir: str | Path, manifest: Manifest, comm: Communicator,
-                 max_context: int | None = None):
+                 max_context: int | None = None, memory: MemoryOptions = MemoryOptions(), threads: int = 1):
         self.shard_dir, self.manifest, self.comm = Path(shard_dir), manifest, comm
         self.cfg = manifest.config
-        self.model = RankModel(shard_dir, manifest, 0, max_context)
-        head = self.model.head
-        self.embed = head["embed_tokens.weight"]  # [V, D]
-        self.norm = head["norm.weight"]
-        self.lm_head = head.get("lm_head.weight", self.embed)  # tied embeddings share the table
+        self.model = RankModel(shard_dir, manifest, 0, max_context, memory=memory, threads=threads)
         gen_eos = manifest.raw.get("generation", {}).get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(self.cfg.eos_token_ids) | set(gen_eos)
@@ -92,14 +85,38 @@ class Engine:
                              f"of {self.max_context} tokens")
         return ids
 
-    def _run(self, seq: int, step: int, start: int, ids: list[int]) -> torch.Tensor:
-        """One step for tokens `ids` at positions [start, start + len): final hidden states [L, D]."""
-        x = F.embedding(torch.tensor(ids), self.embed)  # [L, D]
-        self.comm.broadcast(Message(Kind.STEP, seq, step, start=start, length=len(ids), tensor=x))
-        return run_layers(self.model, self.comm, x, seq, step, start)
+    def _run(self, seq: int, step: int, start: int, ids: list[int], every_row: bool = False) -> torch.Tensor:
+        """One step for tokens `ids` at positions [start, start + len): float32 logits [1 or L, V].
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()  # [L, V]
+        Every step ends with the LM head (the last row's unless `every_row`), so that the weight
+        scheduler sees the same cycle of blocks each step."""
+        t0 = time.perf_counter()
+        try:
+            x = self.model.embed(ids)  # [L, D]
+            self.comm.broadcast(Message(Kind.STEP, seq, step, start=start, length=len(ids), tensor=x))
+            h = run_layers(self.model, self.comm, x, seq, step, start)
+            return self.model.logits(h if every_row else h[-1:])
+        finally:
+            self.model.busy_s += time.perf_counter() - t0
+            self.model.steps += 1
+
+    def stats(self) -> list[dict]:
+        """One record per rank (master first): peak RSS, bytes read, stall, compute, allreduce."""
+        records = [self.model.stats(self.comm)]
+        gather = getattr(self.comm, "gather_stats", None)
+        if gather is not None:
+            records += [info for _, info in sorted(gather().items())]
+        return records
+
+    def close(self) -> None:
+        self.model.close()
+
+    def _prefill(self, seq: int, ids: list[int], every_row: bool = False) -> tuple[torch.Tensor, int]:
+        """Prefill in chunks of PREFILL_CHUNK tokens; -> (logits, steps taken)."""
+        out = []
+        for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
+            out.append(self._run(seq, step, start, ids[start:start + PREFILL_CHUNK], every_row))
+        return (torch.cat(out) if every_row else out[-1]), len(out)
 
     def _new_seq(self) -> int:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
@@ -107,6 +124,8 @@ class Engine:
 
     def _finish(self, seq: int, failed: bool) -> None:
         self.model.cache.free(seq)
+        if failed:
+            self.model.sched.reset()
         try:
             self.comm.broadcast(Message(Kind.CANCEL if failed else Kind.FREE, seq))
         except Exception:
@@ -119,12 +138,9 @@ class Engine:
         ids = self._check_ids(ids, 0)
         seq, failed = self._new_seq(), True
         try:
-            out = []
-            for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
-                chunk = ids[start:start + PREFILL_CHUNK]
-                out.append(self._logits(self._run(seq, step, start, chunk)))
+            logits, _ = self._prefill(seq, ids, every_row=True)
             failed = False
-            return torch.cat(out)
+            return logits
         finally:
             self._finish(seq, failed)
 
@@ -142,12 +158,10 @@ class Engine:
         new: list[int] = []
         finish, first_at = "length", t0
         try:
-            step, h = 0, None
-            for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
-                h = self._run(seq, step, start, ids[start:start + PREFILL_CHUNK])
+            logits, step = self._prefill(seq, ids)
             pos = len(ids)
             while True:
-                token = sample(self._logits(h[-1:])[0], params, gen)
+                token = sample(logits[0], params, gen)
                 new.append(token)
                 if len(new) == 1:
                     first_at = time.perf_counter()
@@ -159,9 +173,8 @@ class Engine:
                     break
                 if len(new) >= max_new_tokens:
                     break
-                step += 1
-                h = self._run(seq, step, pos, [token])
-                pos += 1
+                logits = self._run(seq, step, pos, [token])
+                step, pos = step + 1, pos + 1
             tail = texts.flush()
             if on_token and tail:
                 on_token([], tail)

@@ -1,55 +1,162 @@
 """The one loop over layers, where each layer's two allreduces happen; and one rank's weights.
 
-Owns: ``RankModel`` (this rank's blocks, its KV cache, its rotary table) and ``run_layers``, which
-every rank, master and workers alike, runs for each step. Does not know: sockets (it gets a
+Owns: ``RankModel`` (this rank's blocks behind a weight scheduler, its KV cache, its rotary table,
+on rank 0 also the embedding rows and the LM head in row chunks) and ``run_layers``, which every
+rank, master and workers alike, runs for each step. Does not know: sockets (it gets a
 Communicator), tokenizers, sampling, HTTP.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 
+import psutil
 import torch
+import torch.nn.functional as F
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
+from tpi.config import ConfigError
 from tpi.kv_cache import KVCache
-from tpi.layers import Weights, attention_partial, ffn_partial, rope_inv_freq
-from tpi.weights import Manifest, load_block, rank_blocks
+from tpi.layers import attention_partial, ffn_partial, rms_norm, rope_inv_freq
+from tpi.safetensors_io import pread_into, read_rows
+from tpi.scheduler import WeightScheduler, plan_residency
+from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
+
+PREFILL_CHUNK = 512
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """`2GB` = 2e9 bytes, `2GiB` = 2**30 * 2, a plain number is bytes; None means no limit."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"memory_budget={value}: expected a positive number of bytes")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"memory_budget={value!r}: expected bytes or a size such as 800MB, 2GB or 1.5GiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    memory_budget: int | str | None = None  # None: keep every block resident
+    window: int | None = None  # streamed buffers; None: chosen from the budget
+    drop_page_cache: bool = False  # drop what streaming read from the page cache (measure the disk)
+    stream_all: bool = False  # pin nothing whatever the budget: for measuring and testing streaming
 
 
 def default_max_context(manifest: Manifest) -> int:
     return min(manifest.config.max_position_embeddings, 4096)
 
 
+def peak_rss_bytes() -> int:
+    """VmHWM of this process: the peak resident set as the OS counts it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return psutil.Process().memory_info().rss
+
+
 class RankModel:
-    """One rank's share of every layer, resident in memory, and the KV cache for its heads."""
+    """One rank's share of every layer, under a memory budget, and the KV cache for its heads."""
 
     def __init__(self, shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
-                 max_context: int | None = None, slots: int = 1):
+                 max_context: int | None = None, slots: int = 1, memory: MemoryOptions = MemoryOptions(),
+                 threads: int = 1):
         self.cfg, self.manifest, self.rank = manifest.config, manifest, rank
         self.dtype = manifest.dtype
         self.max_context = max_context or default_max_context(manifest)
-        blocks = {(layer, kind): load_block(shard_dir, manifest, rank, layer, kind)
-                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank)}
-        self.attn: list[Weights | None] = [blocks.get((i, "attn")) for i in range(self.cfg.num_layers)]
-        self.ffn: list[Weights | None] = [blocks.get((i, "ffn")) for i in range(self.cfg.num_layers)]
-        self.head: Weights | None = blocks.get((None, "head"))
+        runtime = psutil.Process().memory_info().rss
         shard = manifest.plan.shards[rank]
         self.cache = KVCache(self.cfg.num_layers, shard.num_kv_heads, self.cfg.head_dim, self.max_context,
                              self.dtype, slots)
+        specs = [block_spec(shard_dir, manifest, rank, layer, kind)
+                 for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
+        self.index = {spec.key: i for i, spec in enumerate(specs)}
+        self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
+        if rank == 0:
+            largest = max((s.nbytes for s in specs), default=64 << 20)
+            self.embed_info, norm_info, head_path, chunks = head_specs(shard_dir, manifest, largest)
+            for spec, a, b in chunks:
+                self.head_chunks.append((len(specs), a, b))
+                specs.append(spec)
+            self._head_fd = os.open(head_path, os.O_RDONLY)
+            self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
+        fixed = runtime + self.cache.nbytes + self._activation_bytes(shard)
+        budget = parse_bytes(memory.memory_budget)
+        if memory.stream_all:
+            budget = fixed + (memory.window or 2) * max((s.nbytes for s in specs), default=0)
+        self.residency = plan_residency(specs, budget, fixed, memory.window)
+        self.fixed_bytes = fixed
+        self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads).start()
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
+        self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
+        self.steps = 0
+
+    def stats(self, comm: Communicator) -> dict:
+        """Counters since start, as plain numbers (they travel in a STATS_REPLY)."""
+        c, r = self.sched.counters, self.residency
+        return {"rank": self.rank, "peak_rss_bytes": peak_rss_bytes(),
+                "rss_bytes": psutil.Process().memory_info().rss, "bytes_read": c.bytes_read,
+                "stall_s": c.stall_s, "allreduce_s": comm.allreduce_s,
+                "compute_s": max(0.0, self.busy_s - c.stall_s - comm.allreduce_s), "steps": self.steps,
+                "loads": c.loads, "pinned_blocks": len(r.pinned), "streamed_blocks": len(self.sched.blocks) - len(r.pinned),
+                "window": r.window, "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,
+                "fixed_bytes": self.fixed_bytes, "needed_min_bytes": r.needed_min,
+                "block_bytes": sum(b.nbytes for b in self.sched.blocks),
+                "largest_block_bytes": max((b.nbytes for b in self.sched.blocks), default=0), "kv_cache_bytes": self.cache.nbytes}
+
+    def _activation_bytes(self, shard) -> int:
+        """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
+        cfg, c = self.cfg, PREFILL_CHUNK
+        per_token = 6 * cfg.hidden_size + 3 * shard.ffn_size + shard.num_heads * (self.max_context + 3 * cfg.head_dim)
+        head = cfg.vocab_size if self.rank == 0 else 0
+        return 4 * c * (per_token + head)
+
+    def close(self) -> None:
+        self.sched.close()
+        if self.rank == 0:
+            os.close(self._head_fd)
 
     def attention(self, layer: int, x: torch.Tensor, seq: int, start: int) -> torch.Tensor:
-        w = self.attn[layer]
-        if w is None:  # no heads here: this rank adds nothing
+        i = self.index.get((layer, "attn"))
+        if i is None:  # no heads here: this rank adds nothing
             return torch.zeros_like(x)
-        return attention_partial(x, w, self.cache.layer(seq, layer), start, self.cfg, self.inv_freq,
-                                 self.cfg.sliding_windows[layer])
+        with self.sched.block(i) as w:
+            return attention_partial(x, w, self.cache.layer(seq, layer), start, self.cfg, self.inv_freq,
+                                     self.cfg.sliding_windows[layer])
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        w = self.ffn[layer]
-        return torch.zeros_like(x) if w is None else ffn_partial(x, w, self.cfg)
+        i = self.index.get((layer, "ffn"))
+        if i is None:
+            return torch.zeros_like(x)
+        with self.sched.block(i) as w:
+            return ffn_partial(x, w, self.cfg)
+
+    # -- rank 0 only ---------------------------------------------------------------------------
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """Embedding rows for `ids` [L] -> [L, D], read from the head file (no full table in memory)."""
+        info = self.embed_info
+        out = torch.empty((len(ids), info.shape[1]), dtype=info.dtype)
+        for row, token in enumerate(ids):
+            pread_into(self._head_fd, out[row], info.start + token * info.row_bytes)
+        self.sched.counters.bytes_read += len(ids) * info.row_bytes
+        return out.to(self.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head, chunk by chunk of vocabulary rows: h [L, D] -> float32 [L, V]."""
+        hn = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        out = torch.empty((h.shape[0], self.cfg.vocab_size), dtype=torch.float32)
+        for i, a, b in self.head_chunks:
+            with self.sched.block(i) as w:
+                out[:, a:b] = F.linear(hn, w["weight"])
+        return out
 
 
 def run_layers(model: RankModel, comm: Communicator, x: torch.Tensor, seq: int, step: int,

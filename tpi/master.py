@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any, Literal
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
 
 import msgpack
 import torch
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tpi.comm.base import SingleRank
 from tpi.comm.zmq_star import StarMaster
 from tpi.engine import Engine, GenerationResult
+from tpi.forward import MemoryOptions
 from tpi.sampling import SamplingParams
 from tpi.weights import Manifest
 
@@ -37,6 +39,7 @@ class MasterOptions:
     step_timeout: float = 60.0
     join_timeout: float = 300.0
     parent_pid: int | None = None
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
 
 
 class MasterNode:
@@ -54,13 +57,16 @@ class MasterNode:
         self.engine: Engine | None = None
 
     def start(self) -> Engine:
-        self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.max_context)
+        self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.max_context,
+                             self.opts.memory, self.opts.threads)
         if isinstance(self.comm, StarMaster):
             self.comm.wait_for_workers(self.opts.join_timeout)
         return self.engine
 
     def close(self) -> None:
         self.comm.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 # -- the control channel -----------------------------------------------------------------------
@@ -89,10 +95,10 @@ def pack(obj: dict[str, Any]) -> bytes:
     return msgpack.packb(obj)
 
 
-def _serve_request(engine: Engine, sock: zmq.Socket, ident: bytes, req: dict) -> None:
-    def reply(obj: dict, *frames) -> None:
-        sock.send_multipart([ident, pack(obj), *frames], copy=False)
+Reply = Callable[..., None]
 
+
+def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
     op = req.get("op")
     if op == "forward":
         r = ForwardRequest.model_validate(req)
@@ -107,31 +113,48 @@ def _serve_request(engine: Engine, sock: zmq.Socket, ident: bytes, req: dict) ->
             ids, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed), r.stop, on_token)
         reply({"event": "done", "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
                "prompt_tokens": res.prompt_tokens, "ttft_s": res.ttft_s, "decode_s": res.decode_s})
+    elif op == "stats":
+        reply({"event": "stats", "ranks": engine.stats()})
     elif op == "info":
         reply({"event": "info", "max_context": engine.max_context, "vocab_size": engine.cfg.vocab_size,
                "world_size": engine.manifest.plan.world_size, "pid": os.getpid()})
+    elif op == "ready":
+        reply({"event": "ready"})
     else:
         reply({"event": "error", "type": "ValueError", "message": f"unknown op {op!r}"})
 
 
-def master_process(opts: MasterOptions, ports, published: threading.Event) -> None:
+def master_process(opts: MasterOptions, ports, published: threading.Event, error_path: str) -> None:
     """Entry point of a spawned master: publish the ports, wait for the owner and the workers,
     then answer control requests until `shutdown`, the owner's exit, or a fatal error."""
     logging.basicConfig(level=logging.WARNING, format="[rank 0] %(levelname)s %(message)s")
-    node = MasterNode(opts)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind("tcp://127.0.0.1:0")
-    ports[0] = int(node.address.rsplit(":", 1)[1]) if node.address else 0
-    ports[1] = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-    published.set()
+    with report_errors(error_path):
+        node = MasterNode(opts)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind("tcp://127.0.0.1:0")
+        ports[0] = int(node.address.rsplit(":", 1)[1]) if node.address else 0
+        ports[1] = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        published.set()
+        try:
+            _control_loop(node, sock, opts.parent_pid)
+        finally:
+            node.close()
+            sock.close(0)
+            ctx.term()
+
+
+@contextmanager
+def report_errors(path: str) -> Iterator[None]:
+    """Write a fatal error's text to `path`, where the owner of this process can read it."""
     try:
-        _control_loop(node, sock, opts.parent_pid)
-    finally:
-        node.close()
-        sock.close(0)
-        ctx.term()
+        yield
+    except BaseException as e:
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            with open(path, "w") as f:
+                f.write(f"{type(e).__name__}: {e}")
+        raise
 
 
 def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) -> None:
@@ -144,25 +167,26 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
         frames = sock.recv_multipart()
         if len(frames) != 2:
             continue
-        ident = frames[0]
+        ident, rid = frames[0], None
+
+        def reply(obj: dict, *extra) -> None:
+            sock.send_multipart([ident, pack({**obj, "rid": rid}), *extra], copy=False)
+
         try:
             req = msgpack.unpackb(frames[1], raw=False)
             if not isinstance(req, dict):
                 raise ValueError("a control request must be a map")
+            rid = req.pop("rid", None)
             if req.get("op") == "shutdown":
-                sock.send_multipart([ident, pack({"event": "bye"})])
+                reply({"event": "bye"})
                 return
             if engine is None:
                 engine = node.start()  # loads rank 0's weights and waits for the workers
-            if req.get("op") == "ready":
-                sock.send_multipart([ident, pack({"event": "ready"})])
-                continue
-            _serve_request(engine, sock, ident, req)
+            _serve_request(engine, reply, req)
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            sock.send_multipart([ident, pack({"event": "error", "type": "ValueError",
-                                              "message": f"{loc}: {err['msg']}"})])
+            reply({"event": "error", "type": "ValueError", "message": f"{loc}: {err['msg']}"})
         except Exception as e:  # reported to the owner, who raises it; the master stays up
             log.warning("request failed: %s", e)
-            sock.send_multipart([ident, pack({"event": "error", "type": type(e).__name__, "message": str(e)})])
+            reply({"event": "error", "type": type(e).__name__, "message": str(e)})

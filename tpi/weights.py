@@ -22,6 +22,7 @@ import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan, make_plan
+from tpi.scheduler import BlockSpec, TensorRange
 from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows, read_tensor
 
 SPLIT_FORMAT = 1
@@ -277,10 +278,7 @@ class Manifest:
                    DTYPE_NAMES[raw["dtype"]], hashlib.sha256(data).hexdigest())
 
 
-def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
-               kind: BlockKind) -> dict[str, torch.Tensor]:
-    """Read one block file whole; its size is checked against the manifest first."""
-    rel = block_file(rank, layer, kind)
+def _checked_path(shard_dir: str | os.PathLike, manifest: Manifest, rel: str) -> Path:
     path = Path(shard_dir) / rel
     expected = manifest.raw["files"].get(rel)
     if expected is None:
@@ -288,6 +286,43 @@ def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, laye
     if not path.is_file() or path.stat().st_size != expected["size"]:
         size = path.stat().st_size if path.is_file() else "missing"
         raise ShardFileError(f"{path}: size {size}, manifest says {expected['size']} bytes")
+    return path
+
+
+def block_spec(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
+               kind: BlockKind) -> BlockSpec:
+    """Where one block's tensors lie in its file (checked against the manifest's size)."""
+    path = _checked_path(shard_dir, manifest, block_file(rank, layer, kind))
+    header = read_header(str(path))
+    return BlockSpec((layer, kind), str(path), tuple(
+        TensorRange(name, info.dtype, info.shape, info.start, info.nbytes) for name, info in header.items()))
+
+
+def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: int
+               ) -> tuple[TensorInfo, TensorInfo, str, list[tuple[BlockSpec, int, int]]]:
+    """The master's head file: (embedding info, norm info, path, LM-head row chunks).
+
+    Each chunk is a block of at most `chunk_bytes` holding rows [a, b) of the LM head (the
+    embedding table when tied), named "weight"; (spec, a, b) per chunk.
+    """
+    path = _checked_path(shard_dir, manifest, block_file(0, None, "head"))
+    header = read_header(str(path))
+    head = header.get("lm_head.weight", header["embed_tokens.weight"])
+    rows = head.shape[0]
+    step = max(1, min(rows, chunk_bytes // head.row_bytes))
+    chunks = []
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        t = TensorRange("weight", head.dtype, (b - a, *head.shape[1:]), head.start + a * head.row_bytes,
+                        (b - a) * head.row_bytes)
+        chunks.append((BlockSpec((None, "head", len(chunks)), str(path), (t,)), a, b))
+    return header["embed_tokens.weight"], header["norm.weight"], str(path), chunks
+
+
+def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
+               kind: BlockKind) -> dict[str, torch.Tensor]:
+    """Read one block file whole; its size is checked against the manifest first."""
+    path = _checked_path(shard_dir, manifest, block_file(rank, layer, kind))
     fd = os.open(path, os.O_RDONLY)
     try:
         return {name: read_tensor(fd, info) for name, info in read_header(str(path)).items()}

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from tpi.comm.base import CommError, Shutdown, StepAborted
 from tpi.comm.wire import Kind
 from tpi.comm.zmq_star import StarWorker
-from tpi.forward import RankModel, run_layers
+from tpi.forward import MemoryOptions, RankModel, run_layers
 from tpi.kv_cache import CacheError
 from tpi.weights import Manifest
 
@@ -34,6 +35,7 @@ class WorkerOptions:
     step_timeout: float = 60.0
     join_timeout: float = 300.0
     parent_pid: int | None = None  # exit when this process is gone (LocalCluster children)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
 
 
 def serve(opts: WorkerOptions) -> None:
@@ -42,7 +44,8 @@ def serve(opts: WorkerOptions) -> None:
     manifest = Manifest.load(opts.shard_dir)
     if not 1 <= opts.rank < manifest.plan.world_size:
         raise CommError(f"rank {opts.rank} is not a worker rank of this split (1..{manifest.plan.world_size - 1})")
-    model = RankModel(opts.shard_dir, manifest, opts.rank, opts.max_context)
+    model = RankModel(opts.shard_dir, manifest, opts.rank, opts.max_context, memory=opts.memory,
+                      threads=opts.threads)
     cfg = manifest.config
     comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
                       manifest.dtype, cfg.num_layers, opts.step_timeout)
@@ -61,19 +64,26 @@ def serve(opts: WorkerOptions) -> None:
                 _step(model, comm, msg)
             elif msg.kind in (Kind.FREE, Kind.CANCEL):
                 model.cache.free(msg.seq)
+            elif msg.kind == Kind.STATS:
+                comm.send_stats(model.stats(comm))
     finally:
         comm.close()
+        model.close()
 
 
 def _step(model: RankModel, comm: StarWorker, msg) -> None:
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             run_layers(model, comm, msg.tensor, msg.seq, msg.step, msg.start)
-    except StepAborted:
+    except (StepAborted, CacheError) as e:
+        if isinstance(e, CacheError):
+            comm.send_error(str(e))
         model.cache.free(msg.seq)
-    except CacheError as e:
-        comm.send_error(str(e))
-        model.cache.free(msg.seq)
+        model.sched.reset()  # the step stopped half-way through the cycle of blocks
+    finally:
+        model.busy_s += time.perf_counter() - t0
+        model.steps += 1
 
 
 def _watch_parent(parent_pid: int | None) -> threading.Event:

@@ -36,6 +36,7 @@ class Shutdown(CommError):
 class Communicator(Protocol):
     rank: int
     world_size: int
+    allreduce_s: float  # time spent in all_reduce since start
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         """Sum of every rank's `partial` for the collective `tag`; every rank gets the same bytes."""
@@ -56,6 +57,7 @@ class SingleRank:
     """World size 1: the sum of one partial is the partial; nothing to send."""
 
     rank, world_size = 0, 1
+    allreduce_s = 0.0
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         return partial

@@ -9,6 +9,7 @@ Does not know: sockets, ranks' roles, the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -34,6 +35,8 @@ class Kind(IntEnum):
     SHUTDOWN = 9  # master -> worker
     ERROR = 10  # worker -> master: text
     PING = 11  # master -> worker: liveness probe, ignored by the receiver
+    STATS = 12  # master -> worker: report your counters
+    STATS_REPLY = 13  # worker -> master: counters in info
 
 
 class Phase(IntEnum):
@@ -70,7 +73,7 @@ class Message:
     phase: int = 0
     start: int = 0
     length: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # HELLO/REFUSE/ERROR details: str or int values
+    info: dict[str, Any] = field(default_factory=dict)  # HELLO/REFUSE/ERROR/STATS details: str, int, float
     tensor: torch.Tensor | None = None
 
     @property
@@ -172,11 +175,13 @@ def _int(header: dict, name: str, expect: Expect) -> int:
 
 
 def _info(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or len(value) > 16:
+    if not isinstance(value, dict) or len(value) > 32:
         raise WireError("field info: expected a small map")
     for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, (str, int)) or isinstance(v, bool):
-            raise WireError(f"field info[{k!r}]: expected a string or integer value")
+        if not isinstance(k, str) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise WireError(f"field info[{k!r}]: expected a string or number")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise WireError(f"field info[{k!r}]: expected a finite number")
         if isinstance(v, str) and len(v) > MAX_TEXT:
             raise WireError(f"field info[{k!r}]: text longer than {MAX_TEXT}")
     return value

@@ -57,7 +57,9 @@ class StarMaster:
         self.hosts: dict[int, str] = {}
         self.lost: dict[int, str] = {}
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
-        self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR}), hidden, dtype,
+        self._stats: dict[int, dict] = {}
+        self.allreduce_s = 0.0
+        self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY}), hidden, dtype,
                              max_layer=num_layers)
 
     # -- joining -------------------------------------------------------------------------------
@@ -97,6 +99,7 @@ class StarMaster:
 
     # -- the collective ------------------------------------------------------------------------
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
+        t0 = time.perf_counter()
         parts: dict[int, torch.Tensor] = {0: partial}
         deadline = time.monotonic() + self.step_timeout
         while len(parts) < self.world_size:
@@ -112,7 +115,22 @@ class StarMaster:
         out = acc.to(partial.dtype)
         self.broadcast(Message(Kind.REDUCED, tag.seq, tag.step, tag.layer, tag.phase, length=out.shape[0],
                                tensor=out))
+        self.allreduce_s += time.perf_counter() - t0
         return out
+
+    def gather_stats(self, timeout: float = 10.0) -> dict[int, dict]:
+        """Each worker's counters (rank -> info), asked for and awaited with a timeout."""
+        self._stats = {}
+        self.broadcast(Message(Kind.STATS))
+        deadline = time.monotonic() + timeout
+        while len(self._stats) < self.world_size - 1:
+            self._check_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(1, self.world_size)) - set(self._stats))
+                raise CommError(f"no statistics from rank(s) {missing} within {timeout:.0f}s")
+            self._poll_once(left, None, {})
+        return dict(self._stats)
 
     def _poll_once(self, timeout: float, tag: Tag | None, parts: dict[int, torch.Tensor]) -> None:
         wait = min(timeout, 0.1 if self._probe_until else 1.0)
@@ -139,6 +157,8 @@ class StarMaster:
             log.warning("refused a %s from an unknown peer %r", msg.kind.name, ident[:32])
         elif msg.kind == Kind.ERROR:
             raise CommError(f"rank {rank} ({self.hosts[rank]}) failed: {msg.info.get('message', '?')}")
+        elif msg.kind == Kind.STATS_REPLY:
+            self._stats[rank] = msg.info
         elif tag is None or msg.tag != tag or rank in parts:
             log.warning("dropped a stale or out-of-order partial from rank %d: %s, expected %s", rank, msg.tag, tag)
         else:
@@ -207,8 +227,9 @@ class StarWorker:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.expect = Expect(frozenset({Kind.WELCOME, Kind.REFUSE, Kind.STEP, Kind.REDUCED, Kind.FREE,
-                                        Kind.CANCEL, Kind.SHUTDOWN, Kind.PING}), hidden, dtype,
+                                        Kind.CANCEL, Kind.SHUTDOWN, Kind.PING, Kind.STATS}), hidden, dtype,
                              max_layer=num_layers)
+        self.allreduce_s = 0.0
 
     def join(self, timeout: float) -> None:
         """Say HELLO and wait for the master's answer (the master may start after us)."""
@@ -257,6 +278,13 @@ class StarWorker:
             return msg
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._all_reduce(partial, tag)
+        finally:
+            self.allreduce_s += time.perf_counter() - t0
+
+    def _all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         self.sock.send_multipart(encode(Message(Kind.PARTIAL, tag.seq, tag.step, tag.layer, tag.phase,
                                                 length=partial.shape[0], tensor=partial)), copy=False)
         deadline = time.monotonic() + self.step_timeout
@@ -278,6 +306,9 @@ class StarWorker:
 
     def broadcast(self, msg: Message) -> None:
         raise CommError("only the master broadcasts")
+
+    def send_stats(self, info: dict) -> None:
+        self.sock.send_multipart(encode(Message(Kind.STATS_REPLY, info=info)))
 
     def send_error(self, text: str) -> None:
         self.sock.send_multipart(encode(Message(Kind.ERROR, info={"message": text[:1000]})))
