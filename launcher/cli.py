@@ -30,6 +30,13 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, help="KV cache length (default: min(model max, 4096))")
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for a peer within a step")
     p.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for the cluster to form")
+    p.add_argument("--memory-budget", help="this device's memory for tpi, e.g. 800MB, 2GB (10^9) or 2GiB "
+                   "(2^30); blocks that do not fit stream from disk (default: everything resident)")
+    p.add_argument("--window", type=int, help="streamed blocks held at once, the one loading included "
+                   "(default: 2, or 1 if only that fits)")
+    p.add_argument("--drop-page-cache", action="store_true",
+                   help="drop streamed reads from the page cache (posix_fadvise DONTNEED): measure the disk")
+    p.add_argument("--stream-all", action="store_true", help="pin nothing, stream every block (for measuring)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _add_rank(p)
     _add_generation(p)
+    p.add_argument("--stats", action="store_true", help="print per-rank time and memory figures at the end")
     return parser
+
+
+def _memory(args):
+    from tpi.forward import MemoryOptions, parse_bytes
+
+    parse_bytes(args.memory_budget)
+    return MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all)
+
+
+def print_stats(records: list[dict], tokens: int) -> None:
+    """Per rank: peak RSS and, per generated token, compute, weight stall, allreduce and bytes read."""
+    n = max(tokens, 1)
+    print(f"{'rank':>4} {'peak RSS MB':>11} {'pinned':>6} {'streamed':>8} {'window':>6} {'compute ms/tok':>14} "
+          f"{'stall ms/tok':>12} {'allreduce ms/tok':>16} {'read MB/tok':>11}", file=sys.stderr)
+    for r in records:
+        print(f"{r['rank']:>4} {r['peak_rss_bytes'] / 1e6:>11.0f} {r['pinned_blocks']:>6} {r['streamed_blocks']:>8} "
+              f"{r['window']:>6} {1000 * r['compute_s'] / n:>14.1f} {1000 * r['stall_s'] / n:>12.1f} "
+              f"{1000 * r['allreduce_s'] / n:>16.1f} {r['bytes_read'] / 1e6 / n:>11.1f}", file=sys.stderr)
 
 
 def _messages(args) -> list[dict[str, str]]:
@@ -90,7 +116,7 @@ def cmd_worker(args) -> None:
     from tpi.worker import WorkerOptions, serve
 
     serve(WorkerOptions(args.master, args.rank, args.shards, args.threads, args.max_context,
-                        args.step_timeout, args.join_timeout))
+                        args.step_timeout, args.join_timeout, memory=_memory(args)))
 
 
 def cmd_master(args) -> None:
@@ -98,7 +124,7 @@ def cmd_master(args) -> None:
     from tpi.sampling import SamplingParams
 
     node = MasterNode(MasterOptions(args.shards, args.bind, args.threads, args.max_context, args.step_timeout,
-                                    args.join_timeout))
+                                    args.join_timeout, memory=_memory(args)))
     try:
         print(f"rank 0 listening at {node.address}; waiting for {node.manifest.plan.world_size - 1} worker(s)",
               file=sys.stderr)
@@ -137,9 +163,12 @@ def cmd_run(args) -> None:
         print("preparing the embedded SmolLM2-135M-Instruct (once) ...", file=sys.stderr)
         args.model = default_model_dir()
     t0 = time.perf_counter()
+    mem = _memory(args)
     with LocalCluster(args.model, args.world_size, args.ratios, args.dtype, threads=args.threads,
                       max_context=args.max_context, step_timeout=args.step_timeout,
-                      start_timeout=args.join_timeout, progress=True) as cluster:
+                      start_timeout=args.join_timeout, progress=True, window=mem.window,
+                      memory_budget=mem.memory_budget, drop_page_cache=mem.drop_page_cache,
+                      stream_all=mem.stream_all) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}
         for event, _ in cluster.stream(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -149,6 +178,8 @@ def cmd_run(args) -> None:
                 print(event["text"], end="", flush=True)
             else:
                 _print_timing(event)
+                if args.stats:
+                    print_stats(cluster.stats(), len(event["ids"]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,9 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run}
+    from tpi.cluster import ClusterError
+    from tpi.comm.base import CommError
+
     try:
         commands[args.command](args)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, ClusterError, CommError) as e:
         raise SystemExit(f"tpi {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -54,11 +54,25 @@ def test_split_master_and_workers_by_hand(smollm2, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_tpi_run_embedded_model(smollm2):
-    out = subprocess.run(_tpi("run", "--world-size", "3", "--prompt", PROMPT_TEXT, "--max-new-tokens", "12"),
+    out = subprocess.run(_tpi("run", "--world-size", "3", "--prompt", PROMPT_TEXT, "--max-new-tokens", "12",
+                              "--stream-all", "--window", "2", "--stats"),
                          capture_output=True, text=True, timeout=170)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert re.search(r"TTFT \d+ ms, [\d.]+ ms/token", out.stderr)
+    rows = [line.split() for line in out.stderr.splitlines() if re.match(r"\s+[012]\s+\d+", line)]
+    assert [r[0] for r in rows] == ["0", "1", "2"], out.stderr
+    assert all(r[2] == "0" and r[4] == "2" for r in rows)  # nothing pinned, window 2 on every rank
+
+
+@pytest.mark.timeout(120)
+def test_budget_too_small_is_refused_by_the_cli(smollm2):
+    out = subprocess.run(_tpi("run", "--world-size", "1", "--prompt", "hi", "--memory-budget", "100MB"),
+                         capture_output=True, text=True, timeout=110)
+    assert out.returncode != 0
+    assert re.search(r"memory budget of 100,000,000 bytes is too small: this rank needs at least [\d,]+ bytes",
+                     out.stderr), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.timeout(60)

@@ -45,12 +45,14 @@ class Engine:
                  max_context: int | None = None, memory: MemoryOptions = MemoryOptions(), threads: int = 1):
         self.shard_dir, self.manifest, self.comm = Path(shard_dir), manifest, comm
         self.cfg = manifest.config
+        self._tokenizer = None
+        if self._has_tokenizer():
+            self.tokenizer  # loaded before the weights, so that the memory budget counts it
         self.model = RankModel(shard_dir, manifest, 0, max_context, memory=memory, threads=threads)
         gen_eos = manifest.raw.get("generation", {}).get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(self.cfg.eos_token_ids) | set(gen_eos)
         self._next_seq = 1
-        self._tokenizer = None
 
     @property
     def max_context(self) -> int:
