@@ -177,19 +177,22 @@ def _mb(n: float) -> str:
 
 def rank_row(r: dict) -> list[str]:
     runtime = r["fixed_bytes"] - r["kv_cache_bytes"] - r["activation_bytes"]
-    formula = runtime + r["window"] * r["largest_block_bytes"] + r["kv_cache_bytes"]
+    held = r["planned_bytes"] - r["fixed_bytes"]  # pinned blocks + window x slot
+    expected = runtime + held + r["kv_cache_bytes"]
     target = MASTER_TARGET if r["rank"] == 0 else WORKER_TARGET
     ok = "yes" if r["peak_rss_bytes"] < target else "**NO**"
     return [f"{r['rank']}{' (master)' if r['rank'] == 0 else ''}", _mb(r["peak_rss_bytes"]), f"{target / GB:.1f} GB",
             ok, _mb(runtime), _mb(r["kv_cache_bytes"]), _mb(r["activation_bytes"]), _mb(r["fixed_bytes"]),
-            _mb(r["largest_block_bytes"]), str(r["window"]), _mb(formula),
-            f"{r['pinned_blocks']} / {r['streamed_blocks']}", _mb(r["block_bytes"]), _mb(r["planned_bytes"]),
+            _mb(r["largest_block_bytes"]), str(r["window"]), _mb(r["window"] * r["largest_block_bytes"]),
+            f"{r['pinned_blocks']} / {r['streamed_blocks']}", _mb(r["block_bytes"]), _mb(held), _mb(expected),
+            _mb(r["planned_bytes"]),
             _mb(r["bytes_read"]), str(r["steps"])]
 
 
 COLUMNS = ["rank", "peak RSS MB (VmHWM)", "target", "under", "runtime MB", "KV MB", "act. reserve MB",
-           "fixed MB (runtime+KV+act.)", "largest block MB", "window", "runtime + window × largest + KV MB",
-           "pinned / streamed blocks", "all blocks MB", "planned MB", "bytes read MB", "steps"]
+           "fixed MB (runtime+KV+act.)", "largest block MB", "window", "window × largest MB",
+           "pinned / streamed blocks", "all blocks MB", "weights held MB (pinned + window)",
+           "runtime + weights held + KV MB", "planned MB (fixed + weights held)", "bytes read MB", "steps"]
 
 
 def table(run: LayerRun) -> str:
@@ -227,19 +230,20 @@ def growth(runs: list[LayerRun]) -> str:
 def report(runs: list[LayerRun], args: argparse.Namespace, notes: list[str]) -> str:
     command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
     bullets = [
-        f"{os.cpu_count()} logical CPUs, torch {torch.__version__}; world size {args.world_size}, every rank its own "
-        f"process on this machine, 1 torch thread each; split dtype float16",
-        f"Llama-2-70B layer shape (hidden 8192, 64 heads, 8 KV heads, FFN 28672, vocab 32000), random weights, "
-        f"fewer layers; memory_budget={args.budget!r} per rank, window={args.window}, max_context={args.max_context}; "
-        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (prefill + {args.new_tokens - 1} decode "
-        "steps)",
-        "**page cache: not dropped** (drop_page_cache=False). Peak RSS is VmHWM, each process's own resident "
-        "memory; the block files cached by the kernel are not counted in it and are reclaimable",
-        "runtime = fixed − KV − activation reserve (RSS of the rank when it planned, before any weight); "
-        "fixed = runtime + KV cache + activation reserve (a bound for one 512-token prefill chunk, not used by "
-        "this short prompt); planned = fixed + pinned blocks + window × largest streamed block",
-        f"targets: workers < {WORKER_TARGET / GB:.1f} GB, master < {MASTER_TARGET / GB:.1f} GB; TPI-LLM reports "
-        f"{TPI_LLM_70B / GB:.1f} GB per device for Llama 2-70B at world size 8",
+        (f"{os.cpu_count()} logical CPUs, torch {torch.__version__}; world size {args.world_size}, every rank its own "
+         f"process on this machine, 1 torch thread each; split dtype float16"),
+        (f"Llama-2-70B layer shape (hidden 8192, 64 heads, 8 KV heads, FFN 28672, vocab 32000), random weights, "
+         f"fewer layers; memory_budget={args.budget!r} per rank, window={args.window}, max_context={args.max_context}; "
+         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (prefill + {args.new_tokens - 1} decode "
+         "steps)"),
+        ("**page cache: not dropped** (drop_page_cache=False). Peak RSS is VmHWM, each process's own resident "
+         "memory; the block files cached by the kernel are not counted in it and are reclaimable"),
+        ("runtime = fixed − KV − activation reserve (RSS of the rank when it planned, before any weight); "
+         "fixed = runtime + KV cache + activation reserve (a bound for one 512-token prefill chunk, mostly unused "
+         "by this short prompt); weights held = pinned blocks + window × largest streamed block = planned − "
+         "fixed; the expected peak is about runtime + weights held + KV (+ this prompt's small activations)"),
+        (f"targets: workers < {WORKER_TARGET / GB:.1f} GB, master < {MASTER_TARGET / GB:.1f} GB; TPI-LLM reports "
+         f"{TPI_LLM_70B / GB:.1f} GB per device for Llama 2-70B at world size 8"),
         f"command: `{command}`",
     ]
     parts = ["# tpi memory at 70B scale (world size 8)", "", *(f"- {b}" for b in bullets + notes)]

@@ -134,6 +134,18 @@ def _run(path, split_cache, world_size, **kw):
         return cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=16), cluster.stats()
 
 
+@pytest.mark.timeout(120)
+def test_resident_budget_reads_nothing_after_start(mid_model, split_cache):
+    path, _ = mid_model
+    with LocalCluster(path, world_size=2, cache_dir=split_cache, memory_budget="20GB") as cluster:
+        cluster.generate(PROMPT, max_new_tokens=2)
+        before = cluster.stats()
+        cluster.generate(PROMPT, max_new_tokens=16)
+        after = cluster.stats()
+    for a, b in zip(before, after):
+        assert b["streamed_blocks"] == 0 and b["bytes_read"] == a["bytes_read"], (a, b)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_streaming_is_bit_identical_to_resident(mid_model, split_cache, world_size):

@@ -95,6 +95,7 @@ class RankModel:
         self.residency = plan_residency(specs, budget, fixed, memory.window)
         self.fixed_bytes = fixed
         self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads).start()
+        self.embed_table = self._resident_embedding(budget) if rank == 0 else None
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
         self.steps = 0
@@ -140,8 +141,24 @@ class RankModel:
             return ffn_partial(x, w, self.cfg)
 
     # -- rank 0 only ---------------------------------------------------------------------------
+    def _resident_embedding(self, budget: int | None) -> list[tuple[int, int, torch.Tensor]] | None:
+        """The embedding table as (first row, end row, rows) pieces, if it may stay in memory: the
+        pinned LM-head chunks themselves when the embeddings are tied, else a copy when the budget
+        holds it on top of everything else. None: rows are read from disk as needed."""
+        if self.residency.window != 0:  # something streams: no room to keep the table
+            return None
+        if self.cfg.tie_word_embeddings:
+            return [(a, b, self.sched.pinned(i)["weight"]) for i, a, b in self.head_chunks]
+        info = self.embed_info
+        if budget is None or self.residency.planned_bytes + info.nbytes <= budget:
+            return [(0, info.shape[0], read_rows(self._head_fd, info, 0, info.shape[0]))]
+        return None
+
     def embed(self, ids: list[int]) -> torch.Tensor:
-        """Embedding rows for `ids` [L] -> [L, D], read from the head file (no full table in memory)."""
+        """Embedding rows for `ids` [L] -> [L, D]: from memory when the table is resident, else read
+        row by row from the head file (no full table in memory under a small budget)."""
+        if self.embed_table is not None:
+            return torch.stack([next(t[i - a] for a, b, t in self.embed_table if a <= i < b) for i in ids])
         info = self.embed_info
         out = torch.empty((len(ids), info.shape[1]), dtype=info.dtype)
         for row, token in enumerate(ids):

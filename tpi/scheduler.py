@@ -169,6 +169,10 @@ class WeightScheduler:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def pinned(self, index: int) -> dict[str, torch.Tensor]:
+        """A pinned block's tensors (they stay for the scheduler's lifetime)."""
+        return self._pinned[index]
+
     # -- the consumer ------------------------------------------------------------------------------
     @contextmanager
     def block(self, index: int) -> Iterator[dict[str, torch.Tensor]]:
