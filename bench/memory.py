@@ -244,7 +244,7 @@ def report(runs: list[LayerRun], args: argparse.Namespace, notes: list[str]) -> 
          "fixed; the expected peak is about runtime + weights held + KV (+ this prompt's small activations)"),
         (f"targets: workers < {WORKER_TARGET / GB:.1f} GB, master < {MASTER_TARGET / GB:.1f} GB; TPI-LLM reports "
          f"{TPI_LLM_70B / GB:.1f} GB per device for Llama 2-70B at world size 8"),
-        f"command: `{command}`",
+        f"tpi at {git_revision()}; command: `{command}`",
     ]
     parts = ["# tpi memory at 70B scale (world size 8)", "", *(f"- {b}" for b in bullets + notes)]
     for run in runs:
@@ -272,11 +272,27 @@ def plot(runs: list[LayerRun], path: Path) -> bool:
     ax.axhline(MASTER_TARGET / GB, color="orange", ls=":", label="1.5 GB (master target)")
     ax.set(xlabel="rank (0 = master)", ylabel="peak RSS, GB (VmHWM)", xticks=[r["rank"] for r in runs[0].ranks],
            title="Llama-2-70B layer shape, world size 8, 1 GB budget, window 2")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 1.9)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def git_revision() -> str:
+    """The repository's commit, with "+ uncommitted changes" when the tree is dirty."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tpi"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision"
+    return f"commit {rev}" + (" + uncommitted changes in tpi/" if dirty else "")
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import checkpoint_bytes, link_model, write_shards
+from memory import checkpoint_bytes, git_revision, link_model, write_shards
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 GB, MB = 10**9, 10**6
@@ -54,7 +54,7 @@ CONFIG_850M = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-    "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": False, "torch_dtype": "float32",  # no EOS id: every run makes all its tokens
 }
 CONFIG_850M_LAYERS = 16
 
@@ -279,7 +279,7 @@ def report(settings: list[Setting], disk: Disk, args: argparse.Namespace, model_
          "= max(disk floor, compute)"),
         (f"per-rank columns are rank 0 / 1 / ...; medians per step; targets: streamed settings within "
          f"{TARGET_RATIO}× of their floor, half pinned clearly faster than streamed"),
-        f"command: `{command}`",
+        f"tpi at {git_revision()}; command: `{command}`",
     ]
     parts = ["# tpi speed when streaming weights from the disk", "", *(f"- {b}" for b in bullets), "",
              table(settings, disk), "", *(f"- {v}" for v in verdicts(settings, disk)), "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -71,6 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rank(p)
     _add_generation(p)
     p.add_argument("--stats", action="store_true", help="print per-rank time and memory figures at the end")
+
+    p = sub.add_parser("serve", help="run the master with an OpenAI-compatible HTTP API")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    src.add_argument("--shards", help="a folder written by `tpi split` (instead of --model)")
+    p.add_argument("--world-size", type=int, default=3)
+    p.add_argument("--ratios")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--wait-for-workers", action="store_true",
+                   help="do not start workers here: wait for `tpi worker` processes on other machines")
+    p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="where workers connect with --wait-for-workers")
+    p.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $TPI_API_KEY, else none)")
+    p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
+    _add_rank(p)
+
+    p = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model id (default: the server's first model)")
+    p.add_argument("--api-key", default=os.environ.get("TPI_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512)
     return parser
 
 
@@ -182,17 +209,38 @@ def cmd_run(args) -> None:
                     print_stats(cluster.stats(), len(event["ids"]))
 
 
+def cmd_serve(args) -> None:
+    from tpi.serve import ServeOptions, serve
+
+    model = args.model
+    if model is None and args.shards is None:
+        from tpi.embedded import default_model_dir
+
+        model = str(default_model_dir())
+    serve(ServeOptions(model, args.shards, args.world_size, args.ratios, args.dtype, args.host, args.port,
+                       args.wait_for_workers, args.bind, args.api_key, args.model_name, args.queue_size,
+                       args.threads, args.max_context, args.step_timeout, args.join_timeout, _memory(args)))
+
+
+def cmd_chat(args) -> None:
+    from tpi.chat import chat
+
+    chat(args.url, args.model, args.api_key, args.system, args.temperature, args.max_tokens)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run}
+    commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run,
+                "serve": cmd_serve, "chat": cmd_chat}
+    from tpi.chat import ChatError
     from tpi.cluster import ClusterError
     from tpi.comm.base import CommError
 
     try:
         commands[args.command](args)
-    except (ConfigError, ValueError, ClusterError, CommError) as e:
+    except (ConfigError, ValueError, ClusterError, CommError, ChatError) as e:
         raise SystemExit(f"tpi {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -32,11 +32,58 @@ class ClusterError(RuntimeError):
 
 
 def _worker_entry(opts: WorkerOptions, ports, published, error_path: str) -> None:
-    """Spawned worker: wait for the master to publish its port, then serve."""
+    """Spawned worker: wait for the master to publish its port (unless opts.master is known), then serve."""
     with report_errors(error_path):
-        if not published.wait(opts.join_timeout):
-            raise SystemExit(f"rank {opts.rank}: the master never published its port")
-        worker_process(WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"}))
+        if published is not None:
+            if not published.wait(opts.join_timeout):
+                raise SystemExit(f"rank {opts.rank}: the master never published its port")
+            opts = WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"})
+        worker_process(opts)
+
+
+class RankProcesses:
+    """Spawned rank processes (not forked: torch may already run threads) and the files where each
+    reports a fatal error; `stop` ends them all, politely first."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: dict[int, mp.Process] = {}
+        self.err_dir = tempfile.mkdtemp(prefix="tpi-ranks-")
+
+    def err_path(self, rank: int) -> str:
+        return os.path.join(self.err_dir, f"rank{rank}.err")
+
+    def spawn(self, rank: int, target, *args) -> None:
+        p = self.ctx.Process(target=target, args=(*args, self.err_path(rank)), daemon=True, name=f"tpi-rank{rank}")
+        p.start()
+        self.procs[rank] = p
+
+    def spawn_worker(self, opts: WorkerOptions, ports=None, published=None) -> None:
+        """A worker connecting to opts.master, or to the port the master publishes in `ports`."""
+        self.spawn(opts.rank, _worker_entry, opts, ports, published)
+
+    def check(self, ranks=None) -> None:
+        """Raise ClusterError naming the first of `ranks` (default all) that has exited, and why."""
+        for rank in list(self.procs) if ranks is None else ranks:
+            p = self.procs[rank]
+            if p.exitcode is not None:
+                path = self.err_path(rank)
+                why = open(path).read() if os.path.exists(path) else "no error was reported"
+                raise ClusterError(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}: {why}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+        self.procs.clear()
+        shutil.rmtree(self.err_dir, ignore_errors=True)
 
 
 class LocalCluster:
@@ -56,13 +103,12 @@ class LocalCluster:
             parse_bytes(b)  # refuse a malformed budget here, before any process starts
         self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all) for b in budgets]
         self.shard_dir: Path | None = None
-        self.procs: dict[int, mp.Process] = {}
+        self.ranks: RankProcesses | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self.master_address: str | None = None
         self.info: dict[str, Any] = {}
         self._rid = 0
-        self._err_dir: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -82,25 +128,20 @@ class LocalCluster:
     def _start(self) -> None:
         self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
                                       self.cache_dir, self.progress)
-        ctx = mp.get_context("spawn")
-        ports, published = ctx.Array("i", 2), ctx.Event()
+        self.ranks = RankProcesses()
+        ports, published = self.ranks.ctx.Array("i", 2), self.ranks.ctx.Event()
         me = os.getpid()
         mopts = MasterOptions(str(self.shard_dir), threads=self.threads, max_context=self.max_context,
                               step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=me,
                               memory=self.memory[0])
-        self._err_dir = tempfile.mkdtemp(prefix="tpi-cluster-")
-        self.procs[0] = ctx.Process(target=master_process, args=(mopts, ports, published, self._err_path(0)),
-                                    daemon=True, name="tpi-rank0")
-        for rank in range(1, self.world_size):
-            wopts = WorkerOptions("", rank, str(self.shard_dir), self.threads, self.max_context,
-                                  self.step_timeout, self.start_timeout, parent_pid=me, memory=self.memory[rank])
-            self.procs[rank] = ctx.Process(target=_worker_entry, args=(wopts, ports, published, self._err_path(rank)),
-                                           daemon=True, name=f"tpi-rank{rank}")
-        for p in self.procs.values():
-            p.start()
+        self.ranks.spawn(0, master_process, mopts, ports, published)
+        for rank in range(1, self.world_size):  # they start while the master loads: they wait for its port
+            self.ranks.spawn_worker(WorkerOptions("", rank, str(self.shard_dir), self.threads, self.max_context,
+                                                  self.step_timeout, self.start_timeout, parent_pid=me,
+                                                  memory=self.memory[rank]), ports, published)
         deadline = time.monotonic() + self.start_timeout
         while not published.wait(0.2):
-            self._check_children()
+            self.ranks.check()
             if time.monotonic() > deadline:
                 raise ClusterError(f"the master did not start within {self.start_timeout:.0f}s")
         self.master_address = f"tcp://127.0.0.1:{ports[0]}" if self.world_size > 1 else None
@@ -113,27 +154,16 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every rank: ask the master to shut down, then terminate or kill what remains."""
-        if self._sock is not None and self.procs.get(0) is not None and self.procs[0].is_alive():
+        master = self.ranks.procs.get(0) if self.ranks else None
+        if self._sock is not None and master is not None and master.is_alive():
             try:
                 self._sock.send(msgpack.packb({"op": "shutdown"}))
                 self._sock.poll(2000)
             except zmq.ZMQError:
                 pass
-        started = [p for p in self.procs.values() if p.pid is not None]
-        deadline = time.monotonic() + 5
-        for p in started:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in started:
-            if p.is_alive():
-                p.terminate()
-                p.join(2)
-            if p.is_alive():
-                p.kill()
-                p.join(2)
-        self.procs.clear()
-        if self._err_dir is not None:
-            shutil.rmtree(self._err_dir, ignore_errors=True)
-            self._err_dir = None
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
         if self._sock is not None:
             self._sock.close(0)
             self._ctx.term()
@@ -142,22 +172,11 @@ class LocalCluster:
     @property
     def pids(self) -> dict[int, int]:
         """Rank -> process id, master included."""
-        return {r: p.pid for r, p in self.procs.items()}
+        return {r: p.pid for r, p in self.ranks.procs.items()} if self.ranks else {}
 
     @property
     def worker_pids(self) -> dict[int, int]:
         return {r: pid for r, pid in self.pids.items() if r != 0}
-
-    def _err_path(self, rank: int) -> str:
-        return os.path.join(self._err_dir, f"rank{rank}.err")
-
-    def _check_children(self, ranks=None) -> None:
-        for rank in ranks if ranks is not None else list(self.procs):
-            p = self.procs[rank]
-            if p.exitcode is not None:
-                path = self._err_path(rank)
-                why = open(path).read() if os.path.exists(path) else "no error was reported"
-                raise ClusterError(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}: {why}")
 
     # -- requests ----------------------------------------------------------------------------------
     def _events(self, req: dict, timeout: float | None = None, watch_all: bool = False
@@ -171,7 +190,7 @@ class LocalCluster:
         while True:
             deadline = time.monotonic() + limit
             while not self._sock.poll(200):
-                self._check_children(None if watch_all else [0])
+                self.ranks.check(None if watch_all else [0])
                 if time.monotonic() > deadline:
                     raise ClusterError(f"no answer from the master within {limit:.0f}s")
             frames = self._sock.recv_multipart()

@@ -148,8 +148,9 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, ids: Sequence[int], max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
-                 stop: Sequence[str] = (), on_token: TokenCallback | None = None) -> GenerationResult:
-        """Prefill `ids`, then decode until EOS, a stop string or `max_new_tokens`."""
+                 stop: Sequence[str] = (), on_token: TokenCallback | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        """Prefill `ids`, then decode until EOS (unless `ignore_eos`), a stop string or `max_new_tokens`."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
         ids = self._check_ids(ids, max_new_tokens)
@@ -170,7 +171,7 @@ class Engine:
                 delta, stopped = texts.push(new)
                 if on_token:
                     on_token([token], delta)
-                if token in self.eos_ids or stopped:
+                if (token in self.eos_ids and not ignore_eos) or stopped:
                     finish = "stop"
                     break
                 if len(new) >= max_new_tokens:

@@ -105,7 +105,7 @@ class RankModel:
         c, r = self.sched.counters, self.residency
         return {"rank": self.rank, "peak_rss_bytes": peak_rss_bytes(),
                 "rss_bytes": psutil.Process().memory_info().rss, "bytes_read": c.bytes_read,
-                "stall_s": c.stall_s, "allreduce_s": comm.allreduce_s,
+                "stall_s": c.stall_s, "allreduce_s": comm.allreduce_s, "allreduce_calls": comm.allreduce_calls,
                 "compute_s": max(0.0, self.busy_s - c.stall_s - comm.allreduce_s), "steps": self.steps,
                 "loads": c.loads, "pinned_blocks": len(r.pinned), "streamed_blocks": len(self.sched.blocks) - len(r.pinned),
                 "window": r.window, "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,

@@ -56,11 +56,12 @@ class MasterNode:
         self.address = getattr(self.comm, "address", None)
         self.engine: Engine | None = None
 
-    def start(self) -> Engine:
+    def start(self, check: Callable[[], None] | None = None) -> Engine:
+        """Load rank 0's weights, then wait for the workers (calling `check` while waiting)."""
         self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.max_context,
                              self.opts.memory, self.opts.threads)
         if isinstance(self.comm, StarMaster):
-            self.comm.wait_for_workers(self.opts.join_timeout)
+            self.comm.wait_for_workers(self.opts.join_timeout, check)
         return self.engine
 
     def close(self) -> None:

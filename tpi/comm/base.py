@@ -37,6 +37,7 @@ class Communicator(Protocol):
     rank: int
     world_size: int
     allreduce_s: float  # time spent in all_reduce since start
+    allreduce_calls: int
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         """Sum of every rank's `partial` for the collective `tag`; every rank gets the same bytes."""
@@ -58,6 +59,7 @@ class SingleRank:
 
     rank, world_size = 0, 1
     allreduce_s = 0.0
+    allreduce_calls = 0
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         return partial

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from typing import Callable
 
 import torch
 import zmq
@@ -58,15 +59,18 @@ class StarMaster:
         self.lost: dict[int, str] = {}
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
         self._stats: dict[int, dict] = {}
-        self.allreduce_s = 0.0
+        self.allreduce_s, self.allreduce_calls = 0.0, 0
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY}), hidden, dtype,
                              max_layer=num_layers)
 
     # -- joining -------------------------------------------------------------------------------
-    def wait_for_workers(self, timeout: float) -> None:
-        """Block until ranks 1..N-1 have joined; the error names the ranks still missing."""
+    def wait_for_workers(self, timeout: float, check: Callable[[], None] | None = None) -> None:
+        """Block until ranks 1..N-1 have joined; the error names the ranks still missing.
+        `check` is called while waiting (e.g. to notice a local worker process that died)."""
         deadline = time.monotonic() + timeout
         while len(self.peers) < self.world_size - 1:
+            if check is not None:
+                check()
             left = deadline - time.monotonic()
             missing = sorted(set(range(1, self.world_size)) - set(self.peers.values()))
             if left <= 0:
@@ -116,6 +120,7 @@ class StarMaster:
         self.broadcast(Message(Kind.REDUCED, tag.seq, tag.step, tag.layer, tag.phase, length=out.shape[0],
                                tensor=out))
         self.allreduce_s += time.perf_counter() - t0
+        self.allreduce_calls += 1
         return out
 
     def gather_stats(self, timeout: float = 10.0) -> dict[int, dict]:
@@ -229,7 +234,7 @@ class StarWorker:
         self.expect = Expect(frozenset({Kind.WELCOME, Kind.REFUSE, Kind.STEP, Kind.REDUCED, Kind.FREE,
                                         Kind.CANCEL, Kind.SHUTDOWN, Kind.PING, Kind.STATS}), hidden, dtype,
                              max_layer=num_layers)
-        self.allreduce_s = 0.0
+        self.allreduce_s, self.allreduce_calls = 0.0, 0
 
     def join(self, timeout: float) -> None:
         """Say HELLO and wait for the master's answer (the master may start after us)."""
@@ -283,6 +288,7 @@ class StarWorker:
             return self._all_reduce(partial, tag)
         finally:
             self.allreduce_s += time.perf_counter() - t0
+            self.allreduce_calls += 1
 
     def _all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         self.sock.send_multipart(encode(Message(Kind.PARTIAL, tag.seq, tag.step, tag.layer, tag.phase,
