@@ -267,7 +267,7 @@ async def _complete(et: EngineThread, metrics: Metrics, req: _Sampling, ids: lis
         raise APIError(429, f"the server is busy: {e}; retry later", None, "rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    stream = _Stream(job, events, metrics, kind, model, rid, len(ids),
+    stream = _Stream(et, job, events, metrics, kind, model, rid, len(ids),
                      bool((req.stream_options or {}).get("include_usage")))
     if req.stream:
         return StreamingResponse(stream.sse(endpoint), media_type="text/event-stream",
@@ -278,9 +278,9 @@ async def _complete(et: EngineThread, metrics: Metrics, req: _Sampling, ids: lis
 class _Stream:
     """One request's events, turned into OpenAI's response or its stream of chunks."""
 
-    def __init__(self, job: Job, events: asyncio.Queue, metrics: Metrics, kind: str, model: str, rid: str,
-                 prompt_tokens: int, include_usage: bool):
-        self.job, self.events, self.metrics, self.kind, self.model = job, events, metrics, kind, model
+    def __init__(self, et: EngineThread, job: Job, events: asyncio.Queue, metrics: Metrics, kind: str, model: str,
+                 rid: str, prompt_tokens: int, include_usage: bool):
+        self.et, self.job, self.events, self.metrics, self.kind, self.model = et, job, events, metrics, kind, model
         self.rid, self.prompt_tokens, self.include_usage = rid, prompt_tokens, include_usage
         self.created = int(time.time())
         self.t_last: float | None = None
@@ -333,7 +333,7 @@ class _Stream:
                     self.metrics.requests.labels(endpoint, "503").inc()
                     return _error(503, f"generation failed: {ev['error']}", None, "server_error")
         finally:
-            self.job.cancelled.set()  # a no-op when done; stops the job if this handler was cancelled
+            self.et.cancel(self.job)  # a no-op when done; stops the job if this handler was cancelled
 
     async def sse(self, endpoint: str) -> AsyncIterator[str]:
         status = "499"
@@ -362,7 +362,7 @@ class _Stream:
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            self.job.cancelled.set()  # the client went away (or we are done): stop generating
+            self.et.cancel(self.job)  # the client went away (or we are done): stop generating
             self.metrics.requests.labels(endpoint, status).inc()
 
 

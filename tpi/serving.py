@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,8 +55,10 @@ class EngineThread:
     def __init__(self, engine: Engine, queue_size: int = 16):
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size}: expected at least 1")
-        self.engine = engine
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.engine, self.queue_size = engine, queue_size
+        self._jobs: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
         self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="tpi-engine", daemon=True)
@@ -66,29 +69,40 @@ class EngineThread:
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return len(self._jobs)
 
     def start(self) -> EngineThread:
         self._thread.start()
         return self
 
     def close(self) -> None:
-        if self.running is not None:
-            self.running.cancelled.set()
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:  # drain, then stop: the waiting jobs are told the server is stopping
-            self._fail_waiting("the server is shutting down")
-            self._jobs.put(None)
+        """Fail the waiting jobs, stop the running one, and end the thread."""
+        with self._cv:
+            self._stopping = True
+            waiting, self._jobs = list(self._jobs), deque()
+            if self.running is not None:
+                self.running.cancelled.set()
+            self._cv.notify_all()
+        for job in waiting:
+            job.emit({"event": "error", "error": RuntimeError("the server is shutting down")})
         self._thread.join(30)
 
     def submit(self, job: Job) -> Job:
-        job.id = next(self._ids)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self._jobs.maxsize} requests are already waiting") from None
+        with self._cv:
+            if len(self._jobs) >= self.queue_size:
+                raise QueueFull(f"{self.queue_size} requests are already waiting")
+            job.id = next(self._ids)
+            self._jobs.append(job)
+            self._cv.notify_all()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job if it still waits, stop it at its next token if it runs."""
+        job.cancelled.set()
+        with self._cv:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                self.cancelled += 1
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the engine thread (between decode steps, or when idle); returns a Future."""
@@ -100,12 +114,14 @@ class EngineThread:
     def _run(self) -> None:
         while True:
             self._service_calls()
-            try:
-                job = self._jobs.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if job is None:
-                return
+            with self._cv:
+                if self._stopping:
+                    return
+                if not self._jobs:
+                    self._cv.wait(0.05)  # also wakes for calls, which do not notify
+                    continue
+                job = self._jobs.popleft()
+                self.running = job
             self._generate(job)
 
     def _service_calls(self) -> None:
@@ -121,10 +137,6 @@ class EngineThread:
                     fut.set_exception(e)
 
     def _generate(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.cancelled += 1
-            return
-        self.running = job
 
         def on_token(new: list[int], text: str) -> None:
             if job.cancelled.is_set():
@@ -146,12 +158,3 @@ class EngineThread:
             job.emit({"event": "error", "error": e})
         finally:
             self.running = None
-
-    def _fail_waiting(self, why: str) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.emit({"event": "error", "error": RuntimeError(why)})
