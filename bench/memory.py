@@ -24,6 +24,17 @@ internals beyond ``LocalCluster``, ``split_cached`` and the manifest.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/ is sys.path[0] when a script here runs, and a file in it may share a stdlib module's name
+# (bench/http.py shadows `http`, which torch imports): look in bench/ last.
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+if str(_HERE) not in sys.path:
+    sys.path.append(str(_HERE))
+
 import argparse
 import json
 import math
@@ -31,11 +42,9 @@ import os
 import shlex
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -139,7 +148,7 @@ def activation_reserve(shard_dir: Path, max_context: int) -> list[int]:
             for s in m.plan.shards]
 
 
-def run_layers(model_dir: Path, cache_dir: Path, layers: int, args: argparse.Namespace) -> LayerRun:
+def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argparse.Namespace) -> LayerRun:
     """Split, start the 8-rank cluster under the budget, generate, read the stats."""
     from tpi import LocalCluster
     from tpi.weights import split_cached
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.0f} s under {work}", flush=True)
         for n in layers:
             model_dir = link_model(work / "shards", work / f"model-{n}L", LLAMA2_70B, n)
-            runs.append(run_layers(model_dir, work / "splits", n, args))
+            runs.append(run_layer_count(model_dir, work / "splits", n, args))
             print(f"\n## {n} layers\n{run_summary(runs[-1])}\n{table(runs[-1])}\n", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -26,23 +26,30 @@ Writes the table to stdout and bench/out/streaming.md. Does not know: tpi's inte
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/ is sys.path[0] when a script here runs, and a file in it may share a stdlib module's name
+# (bench/http.py shadows `http`, which torch imports): look in bench/ last.
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+if str(_HERE) not in sys.path:
+    sys.path.append(str(_HERE))
+
 import argparse
 import os
 import shlex
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import checkpoint_bytes, git_revision, link_model, write_shards
 
 OUT_DIR = Path(__file__).resolve().parent / "out"

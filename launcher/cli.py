@@ -38,6 +38,11 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-page-cache", action="store_true",
                    help="drop streamed reads from the page cache (posix_fadvise DONTNEED): measure the disk")
     p.add_argument("--stream-all", action="store_true", help="pin nothing, stream every block (for measuring)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: with a GPU, the KV cache and the blocks "
+                   "that fit --gpu-memory-budget live on it, and the rest is split between CPU and GPU")
+    p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
+    p.add_argument("--split-ratio", type=float, help="share of each host block's output rows computed on the GPU "
+                   "(default: measured at start from CPU and copy bandwidth)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +110,8 @@ def _memory(args):
     from tpi.forward import MemoryOptions, parse_bytes
 
     parse_bytes(args.memory_budget)
-    return MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all)
+    return MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all, args.device,
+                         args.gpu_memory_budget, args.split_ratio)
 
 
 def print_stats(records: list[dict], tokens: int) -> None:
@@ -195,7 +201,8 @@ def cmd_run(args) -> None:
                       max_context=args.max_context, step_timeout=args.step_timeout,
                       start_timeout=args.join_timeout, progress=True, window=mem.window,
                       memory_budget=mem.memory_budget, drop_page_cache=mem.drop_page_cache,
-                      stream_all=mem.stream_all) as cluster:
+                      stream_all=mem.stream_all, device=mem.device, gpu_memory_budget=mem.gpu_memory_budget,
+                      split_ratio=mem.split_ratio) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}
         for event, _ in cluster.stream(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

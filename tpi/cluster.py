@@ -92,7 +92,8 @@ class LocalCluster:
                  cache_dir: str | os.PathLike | None = None, step_timeout: float = 60.0,
                  start_timeout: float = 300.0, progress: bool = False, window: int | None = None,
                  memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
-                 stream_all: bool = False):
+                 stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
+                 split_ratio: float | None = None):
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
         self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
         self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
@@ -101,7 +102,8 @@ class LocalCluster:
             raise ClusterError(f"memory_budget has {len(budgets)} values; expected one per rank, {world_size}")
         for b in budgets:
             parse_bytes(b)  # refuse a malformed budget here, before any process starts
-        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all) for b in budgets]
+        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all, device, gpu_memory_budget, split_ratio)
+                       for b in budgets]
         self.shard_dir: Path | None = None
         self.ranks: RankProcesses | None = None
         self._ctx: zmq.Context | None = None

@@ -22,7 +22,8 @@ from tpi.config import ConfigError
 from tpi.kv_cache import KVCache
 from tpi.layers import attention_partial, ffn_partial, rms_norm, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
-from tpi.scheduler import WeightScheduler, plan_residency
+from tpi.hetero import SplitContext, measure_ratio, split_block
+from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
 
 PREFILL_CHUNK = 512
@@ -48,6 +49,23 @@ class MemoryOptions:
     window: int | None = None  # streamed buffers; None: chosen from the budget
     drop_page_cache: bool = False  # drop what streaming read from the page cache (measure the disk)
     stream_all: bool = False  # pin nothing whatever the budget: for measuring and testing streaming
+    device: str = "cpu"  # "cuda" / "cuda:1": KV cache and the blocks that fit gpu_memory_budget on the GPU
+    gpu_memory_budget: int | str | None = None  # None with a GPU: 90% of its free memory
+    # share of each host block's output rows computed on the accelerator; None: measured with a GPU,
+    # no split without one. With device "cpu" a ratio runs the split path with both parts on the CPU.
+    split_ratio: float | None = None
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but torch sees no CUDA device on this machine")
+    return dev
 
 
 def default_max_context(manifest: Manifest) -> int:
@@ -74,10 +92,14 @@ class RankModel:
         self.max_context = max_context or default_max_context(manifest)
         runtime = psutil.Process().memory_info().rss
         shard = manifest.plan.shards[rank]
+        self.device = _device(memory.device)
         self.cache = KVCache(self.cfg.num_layers, shard.num_kv_heads, self.cfg.head_dim, self.max_context,
-                             self.dtype, slots)
+                             self.dtype, slots, self.device)
         specs = [block_spec(shard_dir, manifest, rank, layer, kind)
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
+        self.gpu_blocks = self._place_on_gpu(specs, memory) if self.device.type == "cuda" else {}
+        specs = [s for s in specs if s.key not in self.gpu_blocks]
+        self.split = self._split_context(memory)
         self.index = {spec.key: i for i, spec in enumerate(specs)}
         self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
         if rank == 0:
@@ -88,13 +110,15 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        fixed = runtime + self.cache.nbytes + self._activation_bytes(shard)
+        host_kv = self.cache.nbytes if self.device.type == "cpu" else 0
+        fixed = runtime + host_kv + self._activation_bytes(shard)
         budget = parse_bytes(memory.memory_budget)
         if memory.stream_all:
             budget = fixed + (memory.window or 2) * max((s.nbytes for s in specs), default=0)
         self.residency = plan_residency(specs, budget, fixed, memory.window)
         self.fixed_bytes = fixed
-        self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads).start()
+        self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads,
+                                     pin_memory=self.device.type == "cuda").start()
         self.embed_table = self._resident_embedding(budget) if rank == 0 else None
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
@@ -111,7 +135,31 @@ class RankModel:
                 "window": r.window, "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,
                 "fixed_bytes": self.fixed_bytes, "needed_min_bytes": r.needed_min,
                 "block_bytes": sum(b.nbytes for b in self.sched.blocks),
-                "largest_block_bytes": max((b.nbytes for b in self.sched.blocks), default=0), "kv_cache_bytes": self.cache.nbytes}
+                "largest_block_bytes": max((b.nbytes for b in self.sched.blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
+                "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
+                "split_ratio": self.split.ratio if self.split else 0.0}
+
+    def _place_on_gpu(self, specs: list, memory: MemoryOptions) -> dict[tuple, Weights]:
+        """Blocks that fit the GPU budget after the KV cache, largest first, loaded onto the GPU."""
+        budget = parse_bytes(memory.gpu_memory_budget)
+        if budget is None:
+            budget = int(0.9 * torch.cuda.mem_get_info(self.device)[0])
+        room = budget - self.cache.nbytes
+        if room < 0:
+            raise ConfigError(f"gpu_memory_budget of {budget:,} bytes is too small for the KV cache "
+                              f"({self.cache.nbytes:,} bytes); lower --max-context or raise the budget")
+        chosen = {}
+        for spec in sorted(specs, key=lambda s: -s.nbytes):
+            if spec.nbytes <= room:
+                chosen[spec.key] = {k: t.to(self.device) for k, t in read_block(spec).items()}
+                room -= spec.nbytes
+        return chosen
+
+    def _split_context(self, memory: MemoryOptions) -> SplitContext | None:
+        ratio = memory.split_ratio
+        if ratio is None and self.device.type == "cuda":
+            ratio = measure_ratio(self.device, self.dtype)["ratio"]
+        return None if ratio is None else SplitContext.create(self.device, ratio)
 
     def _activation_bytes(self, shard) -> int:
         """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
@@ -126,19 +174,23 @@ class RankModel:
             os.close(self._head_fd)
 
     def attention(self, layer: int, x: torch.Tensor, seq: int, start: int) -> torch.Tensor:
-        i = self.index.get((layer, "attn"))
-        if i is None:  # no heads here: this rank adds nothing
-            return torch.zeros_like(x)
-        with self.sched.block(i) as w:
+        def run(x: torch.Tensor, w: Weights) -> torch.Tensor:
             return attention_partial(x, w, self.cache.layer(seq, layer), start, self.cfg, self.inv_freq,
                                      self.cfg.sliding_windows[layer])
+        return self._block((layer, "attn"), x, run)
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        i = self.index.get((layer, "ffn"))
-        if i is None:
+        return self._block((layer, "ffn"), x, lambda x, w: ffn_partial(x, w, self.cfg))
+
+    def _block(self, key: tuple, x: torch.Tensor, run) -> torch.Tensor:
+        """Run one block where its weights are: on the GPU, or from the host (split when configured)."""
+        if key in self.gpu_blocks:
+            return run(x.to(self.device), self.gpu_blocks[key]).to(x.device)
+        i = self.index.get(key)
+        if i is None:  # no share of this block here: this rank adds nothing
             return torch.zeros_like(x)
         with self.sched.block(i) as w:
-            return ffn_partial(x, w, self.cfg)
+            return run(x, split_block(w, self.split) if self.split else w)
 
     # -- rank 0 only ---------------------------------------------------------------------------
     def _resident_embedding(self, budget: int | None) -> list[tuple[int, int, torch.Tensor]] | None:

@@ -32,10 +32,10 @@ class LayerCache:
 
 class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
-                 dtype: torch.dtype, slots: int = 1):
+                 dtype: torch.dtype, slots: int = 1, device: str | torch.device = "cpu"):
         shape = (slots, num_layers, kv_heads, max_context, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_context = max_context
         self._free = list(range(slots))
         self._slot: dict[int, int] = {}

@@ -61,12 +61,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    weight = w[f"{name}.weight"]
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, w.get(f"{name}.bias"))
+    return weight(x)  # a weight that computes itself (CPU/GPU split, see hetero.py)
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
     """Boolean [L, k_len]: causal, and within the sliding window when there is one."""
-    k_pos = torch.arange(k_len)
+    k_pos = torch.arange(k_len, device=q_pos.device)
     mask = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         mask &= k_pos[None, :] > q_pos[:, None] - window
@@ -87,14 +90,15 @@ def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm.weight"], cfg.rms_norm_eps)
-    positions = torch.arange(start, start + L)
-    cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
+    positions = torch.arange(start, start + L, device=x.device)
+    cos, sin = rope_cos_sin(inv_freq.to(x.device), positions, x.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = cache.append(start, k, v)  # [Hkv, start + L, hd]
-    mask = attention_mask(positions, keys.shape[1], window)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=hd**-0.5,
+    dev = cache.k.device  # the attention core runs where the cache lives
+    keys, values = cache.append(start, k.to(dev), v.to(dev))  # [Hkv, start + L, hd]
+    mask = attention_mask(positions.to(dev), keys.shape[1], window)
+    out = F.scaled_dot_product_attention(q.to(dev), keys, values, attn_mask=mask, scale=hd**-0.5,
                                          enable_gqa=q.shape[0] != keys.shape[0])  # [Hq, L, hd]
-    out = out.transpose(0, 1).reshape(L, -1)
+    out = out.transpose(0, 1).reshape(L, -1).to(x.device)
     return _linear(out, w, "o_proj")
 
 

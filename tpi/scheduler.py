@@ -66,6 +66,18 @@ class SchedulerError(RuntimeError):
     pass
 
 
+def read_block(block: BlockSpec) -> dict[str, torch.Tensor]:
+    """A block's tensors read once into fresh host tensors (for placement elsewhere)."""
+    fd = os.open(block.path, os.O_RDONLY)
+    try:
+        out = {t.name: torch.empty(t.shape, dtype=t.dtype) for t in block.tensors}
+        for t in block.tensors:
+            pread_into(fd, out[t.name], t.offset)
+        return out
+    finally:
+        os.close(fd)
+
+
 def plan_residency(blocks: list[BlockSpec], budget: int | None, fixed: int, window: int | None) -> Residency:
     """Pin as many blocks as `budget` allows after `fixed` bytes (runtime, KV cache, activations)
     and the window of streamed buffers; the largest blocks first, since they save the most reads.
@@ -126,14 +138,15 @@ class WeightScheduler:
     0, 1, ..., n-1, 0, ... (pinned ones included) — every step of the model walks them all."""
 
     def __init__(self, blocks: list[BlockSpec], residency: Residency, drop_page_cache: bool = False,
-                 threads: int = 1):
-        self.blocks, self.res, self.drop = blocks, residency, drop_page_cache
+                 threads: int = 1, pin_memory: bool = False):
+        self.blocks, self.res, self.drop, self.pin_memory = blocks, residency, drop_page_cache, pin_memory
         self.counters = Counters()
         self._threads = threads
         self._fds: dict[str, int] = {}
         self._pinned: dict[int, dict[str, torch.Tensor]] = {}
         self._stream = [i for i in range(len(blocks)) if i not in residency.pinned]  # the streamed cycle
-        self._slots = [_Slot(torch.empty(residency.slot_bytes, dtype=torch.uint8)) for _ in range(residency.window)]
+        self._slots = [_Slot(torch.empty(residency.slot_bytes, dtype=torch.uint8, pin_memory=pin_memory))
+                       for _ in range(residency.window)]
         self._cv = threading.Condition()
         self._next_use = 0  # position in the full cycle of blocks
         self._next_load = 0  # ticket of the next streamed load
@@ -258,7 +271,7 @@ class WeightScheduler:
         """Read a block into `buffer` (streamed) or into fresh tensors (pinned)."""
         fd = self._fd(block.path)
         out = self._views(block, buffer) if buffer is not None else {
-            t.name: torch.empty(t.shape, dtype=t.dtype) for t in block.tensors}
+            t.name: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory) for t in block.tensors}
         for t in block.tensors:
             pread_into(fd, out[t.name], t.offset)
             if self.drop and buffer is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tpi.sampling import SamplingParams
 from tpi.serving import EngineThread, Job, QueueFull
 
+log = logging.getLogger("tpi.server")
 RETRY_AFTER_S = 1
 MAX_STOP = 8
 
@@ -174,6 +176,11 @@ def create_app(engine_thread: EngineThread, model_name: str, api_key: str | None
             return _error(400, "the request body is not valid JSON", None)
         msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
         return _error(400, msg, param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
