@@ -290,6 +290,13 @@ def verdicts(settings: list[Setting], disk: Disk) -> list[str]:
         ratio = s.ms_per_token / max(1000 * s.bytes_per_step / disk.concurrent, compute)
         out.append(f"{s.name}: {ratio:.2f}× its floor (target ≤ {TARGET_RATIO}): "
                    f"{'met' if ratio <= TARGET_RATIO else '**not met**'}")
+    for s in settings[1:]:
+        dev = s.device_bytes_per_step
+        if dev:
+            floor = max(1000 * dev / disk.concurrent, compute)
+            out.append(f"{s.name}: the device served {dev / s.bytes_per_step:.0%} of the bytes tpi read (the rest "
+                       f"came from the page cache); on the device's bytes the floor is {floor:.0f} ms and the "
+                       f"ratio {s.ms_per_token / floor:.2f}")
     b, c = settings[1].ms_per_token, settings[2].ms_per_token
     out.append(f"half pinned vs streamed: {b:.0f} vs {c:.0f} ms/token ({c / b:.2f}× faster): "
                f"{'clearly faster' if c / b >= 1.2 else '**not clearly faster**'}")

@@ -233,11 +233,11 @@ class LocalCluster:
     def stream(self, input_ids: Sequence[int] | None = None, max_new_tokens: int = 64, *,
                prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, stop: Sequence[str] = (), _stream: bool = True
+               seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False, _stream: bool = True
                ) -> Iterator[tuple[dict, list]]:
         """Events as they come: {"event": "token", "ids", "text"} ..., then {"event": "done", ...}."""
         req = {"op": "generate", "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-               "top_p": top_p, "seed": seed, "stop": list(stop), "stream": _stream}
+               "top_p": top_p, "seed": seed, "stop": list(stop), "stream": _stream, "ignore_eos": ignore_eos}
         if input_ids is not None:
             req["ids"] = [int(i) for i in input_ids]
         elif messages is not None:

@@ -84,6 +84,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     stop: list[str] = []
     stream: bool = False
+    ignore_eos: bool = False
 
 
 class ForwardRequest(BaseModel):
@@ -111,7 +112,8 @@ def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
             engine.encode_chat(r.messages) if r.messages is not None else engine.encode(r.prompt or ""))
         on_token = (lambda new, text: reply({"event": "token", "ids": new, "text": text})) if r.stream else None
         res: GenerationResult = engine.generate(
-            ids, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed), r.stop, on_token)
+            ids, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed), r.stop, on_token,
+            ignore_eos=r.ignore_eos)
         reply({"event": "done", "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
                "prompt_tokens": res.prompt_tokens, "ttft_s": res.ttft_s, "decode_s": res.decode_s})
     elif op == "stats":
