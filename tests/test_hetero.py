@@ -57,10 +57,11 @@ def test_cuda_device_refused_without_cuda(tiny_models, split_cache):
 def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size):
     path, _ = tiny_models("qwen2")
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
-        ref = cluster.forward(PROMPT)
+        ref, stats = cluster.forward(PROMPT), cluster.stats()[0]
+    kv, block = stats["kv_cache_bytes"], stats["largest_block_bytes"]
     placements = []
-    # KV cache only (every block split), some blocks on the GPU, every block on the GPU
-    for budget, ratio in (("140KB", 0.3), ("300KB", 0.7), ("50MB", 0.5)):
+    # room for the KV cache only (every block split), for some blocks, for every block
+    for budget, ratio in ((kv, 0.3), (kv + 2 * block, 0.7), ("50MB", 0.5)):
         with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda",
                           gpu_memory_budget=budget, split_ratio=ratio) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-4)

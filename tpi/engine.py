@@ -155,7 +155,9 @@ class Engine:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
         ids = self._check_ids(ids, max_new_tokens)
         stop = [s for s in stop if s]
-        texts = _TextStream(self.tokenizer if self._has_tokenizer() else None, stop)
+        tokenizer = self.tokenizer if self._has_tokenizer() else None
+        # text as it comes only when someone needs it: stop strings or a streaming caller
+        texts = _TextStream(tokenizer if (stop or on_token) else None, stop)
         gen = params.generator()
         seq, failed, t0 = self._new_seq(), True, time.perf_counter()
         new: list[int] = []
@@ -185,7 +187,8 @@ class Engine:
         finally:
             self._finish(seq, failed)
         end = time.perf_counter()
-        return GenerationResult(new, texts.text, finish, len(ids), first_at - t0, end - first_at)
+        text = texts.text if texts.tokenizer or tokenizer is None else tokenizer.decode(new, skip_special_tokens=True)
+        return GenerationResult(new, text, finish, len(ids), first_at - t0, end - first_at)
 
     def _has_tokenizer(self) -> bool:
         return self._tokenizer is not None or any(
