@@ -78,6 +78,42 @@ def measure(model: Path, cache: Path, world: int, threads: int, repeats: int, ne
             "host_blocks": sum(r["pinned_blocks"] + r["streamed_blocks"] for r in stats)}
 
 
+def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 512 << 20, repeats: int = 5) -> dict:
+    """GB/s of a one-row CPU matmul over a weight, of a pinned host-to-device copy, and of both at
+    once (each on its own weight): whether the two paths add up or share the host's memory."""
+    import threading
+
+    torch.set_num_threads(threads)
+    cols = 4096
+    rows = nbytes // (cols * dtype.itemsize)
+    w_cpu, w_pin = torch.randn(rows, cols).to(dtype), torch.randn(rows, cols).to(dtype).pin_memory()
+    x, dev = torch.randn(1, cols).to(dtype), torch.empty(rows, cols, dtype=dtype, device="cuda")
+    stream = torch.cuda.Stream()
+
+    def cpu() -> float:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(x, w_cpu)
+        return repeats * w_cpu.nbytes / (time.perf_counter() - t0) / 1e9
+
+    def copy() -> float:
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(repeats):
+                dev.copy_(w_pin, non_blocking=True)
+        stream.synchronize()
+        return repeats * w_pin.nbytes / (time.perf_counter() - t0) / 1e9
+
+    cpu(), copy()  # warm-up
+    alone = {"cpu_GBps": cpu(), "copy_GBps": copy()}
+    both: dict = {}
+    t = threading.Thread(target=lambda: both.update(copy_together=copy()))
+    t.start()
+    both["cpu_together"] = cpu()
+    t.join()
+    return {**alone, "cpu_GBps_while_copying": both["cpu_together"], "copy_GBps_while_cpu": both["copy_together"]}
+
+
 def block_bytes(model: Path, cache: Path, world: int, dtype: str) -> list[int]:
     """Per rank, the bytes of its layer blocks (what the GPU budget is a third of)."""
     from tpi.weights import Manifest, split_cached
@@ -105,6 +141,9 @@ def main() -> None:
         n = write_llama(tmp / "model", args.layers, dtype)
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(f"random Llama: {n / 1e9:.2f}B parameters, {args.dtype}; GPU: {gpu}; {args.cores} cores")
+        if torch.cuda.is_available():
+            probe = probe_bandwidth(dtype, args.cores)
+            print("bandwidth (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()), flush=True)
         for world in (int(w) for w in args.worlds.split(",")):
             threads = max(1, args.cores // world)
             budget = [b // 3 for b in block_bytes(tmp / "model", tmp / "cache", world, args.dtype)]
