@@ -44,8 +44,8 @@ def write_llama(path: Path, layers: int, dtype: torch.dtype, seed: int = 0) -> i
             count += t.numel()
 
     path.mkdir(parents=True, exist_ok=True)
-    save("embed.safetensors", {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=dtype),
-                               "lm_head.weight": rand(vocab, h)})
+    save("embed.safetensors", {"model.embed_tokens.weight": rand(vocab, h), "lm_head.weight": rand(vocab, h),
+                               "model.norm.weight": torch.ones(h, dtype=dtype)})
     for i in range(layers):
         p = f"model.layers.{i}."
         save(f"layer{i:02d}.safetensors", {
@@ -175,7 +175,8 @@ def report(rows: list[dict], args, params: int) -> None:
         mine = [r for r in rows if r["world"] == world]
         best_other = min((r["ms"] for r in mine if r["setting"] in ("cpu", "ondemand")), default=float("nan"))
         for r in mine:
-            lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {best_other / r['ms']:.2f}x |")
+            speedup = best_other / r["ms"]
+            lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {speedup:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)

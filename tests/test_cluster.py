@@ -15,8 +15,8 @@ import psutil
 import pytest
 import torch
 import zmq
-
 from conftest import assert_close
+
 from tpi import ClusterError, LocalCluster
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]

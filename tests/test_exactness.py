@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, assert_close
+
 from tpi import LocalCluster
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11, 200, 31]  # longer than mistral's window of 6

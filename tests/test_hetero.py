@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from tpi import ClusterError, LocalCluster
 from tpi.hetero import SplitContext, SplitWeight, measure_ratio
 

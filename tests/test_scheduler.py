@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from tpi import ClusterError, LocalCluster
 from tpi.config import ConfigError
 from tpi.forward import parse_bytes

@@ -9,9 +9,9 @@ lazily, on first use of text. Does not know: sockets (it gets a Communicator), H
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -42,13 +42,13 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, shard_dir: str | Path, manifest: Manifest, comm: Communicator,
-                 max_context: int | None = None, memory: MemoryOptions = MemoryOptions(), threads: int = 1):
+                 max_context: int | None = None, memory: MemoryOptions | None = None, threads: int = 1):
         self.shard_dir, self.manifest, self.comm = Path(shard_dir), manifest, comm
         self.cfg = manifest.config
         self._tokenizer = None
         if self._has_tokenizer():
-            self.tokenizer  # loaded before the weights, so that the memory budget counts it
-        self.model = RankModel(shard_dir, manifest, 0, max_context, memory=memory, threads=threads)
+            self._tokenizer = self._load_tokenizer()  # before the weights, so the memory budget counts it
+        self.model = RankModel(shard_dir, manifest, 0, max_context, memory=memory or MemoryOptions(), threads=threads)
         gen_eos = manifest.raw.get("generation", {}).get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(self.cfg.eos_token_ids) | set(gen_eos)
@@ -62,10 +62,13 @@ class Engine:
     def tokenizer(self):
         """The checkpoint's tokenizer (transformers, imported here only: the master's business)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.shard_dir))
+            self._tokenizer = self._load_tokenizer()
         return self._tokenizer
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.shard_dir))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -147,13 +150,14 @@ class Engine:
             self._finish(seq, failed)
 
     @torch.inference_mode()
-    def generate(self, ids: Sequence[int], max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
+    def generate(self, ids: Sequence[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
                  stop: Sequence[str] = (), on_token: TokenCallback | None = None,
                  ignore_eos: bool = False) -> GenerationResult:
         """Prefill `ids`, then decode until EOS (unless `ignore_eos`), a stop string or `max_new_tokens`."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
         ids = self._check_ids(ids, max_new_tokens)
+        params = params or SamplingParams()
         stop = [s for s in stop if s]
         tokenizer = self.tokenizer if self._has_tokenizer() else None
         # text as it comes only when someone needs it: stop strings or a streaming caller

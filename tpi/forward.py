@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError
-from tpi.kv_cache import KVCache
-from tpi.layers import attention_partial, ffn_partial, rms_norm, rope_inv_freq
-from tpi.safetensors_io import pread_into, read_rows
 from tpi.hetero import SplitContext, measure_ratio, split_block
+from tpi.kv_cache import KVCache
+from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_inv_freq
+from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
 
@@ -127,17 +127,20 @@ class RankModel:
     def stats(self, comm: Communicator) -> dict:
         """Counters since start, as plain numbers (they travel in a STATS_REPLY)."""
         c, r = self.sched.counters, self.residency
-        return {"rank": self.rank, "peak_rss_bytes": peak_rss_bytes(),
-                "rss_bytes": psutil.Process().memory_info().rss, "bytes_read": c.bytes_read,
-                "stall_s": c.stall_s, "allreduce_s": comm.allreduce_s, "allreduce_calls": comm.allreduce_calls,
-                "compute_s": max(0.0, self.busy_s - c.stall_s - comm.allreduce_s), "steps": self.steps,
-                "loads": c.loads, "pinned_blocks": len(r.pinned), "streamed_blocks": len(self.sched.blocks) - len(r.pinned),
-                "window": r.window, "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,
-                "fixed_bytes": self.fixed_bytes, "needed_min_bytes": r.needed_min,
-                "block_bytes": sum(b.nbytes for b in self.sched.blocks),
-                "largest_block_bytes": max((b.nbytes for b in self.sched.blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
-                "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
-                "split_ratio": self.split.ratio if self.split else 0.0}
+        blocks = self.sched.blocks
+        return {
+            "rank": self.rank, "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": psutil.Process().memory_info().rss,
+            "bytes_read": c.bytes_read, "stall_s": c.stall_s, "allreduce_s": comm.allreduce_s,
+            "allreduce_calls": comm.allreduce_calls, "steps": self.steps, "loads": c.loads,
+            "compute_s": max(0.0, self.busy_s - c.stall_s - comm.allreduce_s),
+            "pinned_blocks": len(r.pinned), "streamed_blocks": len(blocks) - len(r.pinned), "window": r.window,
+            "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,
+            "fixed_bytes": self.fixed_bytes, "needed_min_bytes": r.needed_min,
+            "block_bytes": sum(b.nbytes for b in blocks),
+            "largest_block_bytes": max((b.nbytes for b in blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
+            "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
+            "split_ratio": self.split.ratio if self.split else 0.0,
+        }
 
     def _place_on_gpu(self, specs: list, memory: MemoryOptions) -> dict[tuple, Weights]:
         """Blocks that fit the GPU budget after the KV cache, largest first, loaded onto the GPU."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import msgpack
 import torch
@@ -170,16 +171,20 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
         frames = sock.recv_multipart()
         if len(frames) != 2:
             continue
-        ident, rid = frames[0], None
+        ident, req = frames[0], None
+        try:
+            req = msgpack.unpackb(frames[1], raw=False)
+        except Exception:
+            log.warning("refused a control message that is not msgpack")
+            continue
+        rid = req.pop("rid", None) if isinstance(req, dict) else None
 
-        def reply(obj: dict, *extra) -> None:
+        def reply(obj: dict, *extra, ident=ident, rid=rid) -> None:
             sock.send_multipart([ident, pack({**obj, "rid": rid}), *extra], copy=False)
 
         try:
-            req = msgpack.unpackb(frames[1], raw=False)
             if not isinstance(req, dict):
                 raise ValueError("a control request must be a map")
-            rid = req.pop("rid", None)
             if req.get("op") == "shutdown":
                 reply({"event": "bye"})
                 return

@@ -10,8 +10,8 @@ embeds, samples and sums).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from tpi.config import ConfigError, ModelConfig
 

@@ -15,9 +15,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from tpi.engine import Engine, GenerationResult
 from tpi.sampling import SamplingParams

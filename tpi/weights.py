@@ -14,16 +14,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan, make_plan
-from tpi.scheduler import BlockSpec, TensorRange
 from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows, read_tensor
+from tpi.scheduler import BlockSpec, TensorRange
 
 SPLIT_FORMAT = 1
 CHUNK_BYTES = 32 * 1024 * 1024
