@@ -24,17 +24,6 @@ internals beyond ``LocalCluster``, ``split_cached`` and the manifest.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/ is sys.path[0] when a script here runs, and a file in it may share a stdlib module's name
-# (bench/http.py shadows `http`, which torch imports): look in bench/ last.
-_HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path.pop(0)
-if str(_HERE) not in sys.path:
-    sys.path.append(str(_HERE))
-
 import argparse
 import json
 import math
@@ -42,9 +31,11 @@ import os
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch

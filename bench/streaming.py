@@ -26,28 +26,19 @@ Writes the table to stdout and bench/out/streaming.md. Does not know: tpi's inte
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/ is sys.path[0] when a script here runs, and a file in it may share a stdlib module's name
-# (bench/http.py shadows `http`, which torch imports): look in bench/ last.
-_HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path.pop(0)
-if str(_HERE) not in sys.path:
-    sys.path.append(str(_HERE))
-
 import argparse
 import os
 import shlex
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from memory import checkpoint_bytes, git_revision, link_model, write_shards
@@ -252,13 +243,15 @@ def row(s: Setting, disk: Disk, compute_ms: float) -> list[str]:
         [r["pinned_blocks"] + r["streamed_blocks"] for r in s.plan], "{}")
     dev = s.device_bytes_per_step
     return [s.name, s.page_cache, pinned, f"{s.ms_per_token:.0f} ({lo:.0f}-{hi:.0f})",
-            f"{s.bytes_per_step / MB:,.0f}", "?" if dev is None else f"{dev / MB:,.0f}", f"{disk_ms:.0f}", f"{compute_ms:.0f}", f"{floor:.0f}",
+            f"{s.bytes_per_step / MB:,.0f}", "?" if dev is None else f"{dev / MB:,.0f}", f"{disk_ms:.0f}",
+            f"{compute_ms:.0f}", f"{floor:.0f}",
             f"{ratio:.2f}", _ranks(s.per_rank("stall_s")), _ranks(s.per_rank("allreduce_s")),
             _ranks(s.per_rank("compute_s"))]
 
 
 COLUMNS = ["setting", "page cache", "pinned blocks per rank", "ms/token median (min-max)",
-           "MB read / step (all ranks)", "device MB read / step", "disk floor ms", "compute ms (= (a))", "floor ms", "measured ÷ floor",
+           "MB read / step (all ranks)", "device MB read / step", "disk floor ms", "compute ms (= (a))", "floor ms",
+           "measured ÷ floor",
            "stall ms/step per rank", "allreduce ms/step per rank", "compute ms/step per rank"]
 
 
@@ -277,7 +270,8 @@ def plan_table(settings: list[Setting]) -> str:
         for r in s.plan:
             budget = f"{r['budget'] / MB:,.0f}" if r["budget"] else "none"
             lines.append("| " + " | ".join([
-                s.name, str(r["rank"]), budget, f"{r['fixed_bytes'] / MB:,.0f}", f"{r['largest_block_bytes'] / MB:,.0f}",
+                s.name, str(r["rank"]), budget, f"{r['fixed_bytes'] / MB:,.0f}",
+                f"{r['largest_block_bytes'] / MB:,.0f}",
                 f"{r['block_bytes'] / MB:,.0f}", str(r["window"]), f"{r['pinned_blocks']} / {r['streamed_blocks']}",
                 f"{r['planned_bytes'] / MB:,.0f}", f"{r['peak_rss_bytes'] / MB:,.0f}"]) + " |")
     return "\n".join(lines)
@@ -307,7 +301,8 @@ def report(settings: list[Setting], disk: Disk, args: argparse.Namespace, model_
     command = shlex.join(["python", "bench/streaming.py", *sys.argv[1:]])
     bullets = [
         (f"{os.cpu_count()} logical CPUs, torch {torch.__version__}; random Llama, {args.layers} layers, "
-         f"{model_bytes / 4 / 1e6:,.0f}M parameters ({model_bytes / GB:.2f} GB float32 checkpoint), split dtype **{args.dtype}**; world size "
+         f"{model_bytes / 4 / 1e6:,.0f}M parameters ({model_bytes / GB:.2f} GB float32 checkpoint), "
+         f"split dtype **{args.dtype}**; world size "
          f"{args.world_size}, 1 torch thread per rank, every rank its own process on this machine"),
         (f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy); ms/token = decode time / "
          f"{args.new_tokens - 1}; medians of {args.repeats} rounds after one warm-up each; the three clusters are "

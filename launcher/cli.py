@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -237,6 +238,8 @@ def cmd_chat(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # SIGTERM (docker stop, timeout, kill) unwinds like Ctrl-C, so that child ranks and temp files go too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run,

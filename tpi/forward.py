@@ -134,7 +134,7 @@ class RankModel:
             "allreduce_calls": comm.allreduce_calls, "steps": self.steps, "loads": c.loads,
             "compute_s": max(0.0, self.busy_s - c.stall_s - comm.allreduce_s),
             "pinned_blocks": len(r.pinned), "streamed_blocks": len(blocks) - len(r.pinned), "window": r.window,
-            "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes,
+            "max_streamed_held": c.max_streamed_held, "planned_bytes": r.planned_bytes + self._embedding_copy_bytes(),
             "fixed_bytes": self.fixed_bytes, "needed_min_bytes": r.needed_min,
             "block_bytes": sum(b.nbytes for b in blocks),
             "largest_block_bytes": max((b.nbytes for b in blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
@@ -208,6 +208,12 @@ class RankModel:
         if budget is None or self.residency.planned_bytes + info.nbytes <= budget:
             return [(0, info.shape[0], read_rows(self._head_fd, info, 0, info.shape[0]))]
         return None
+
+    def _embedding_copy_bytes(self) -> int:
+        """Bytes of an embedding table kept beside the blocks (tied tables share the LM head's)."""
+        if self.embed_table is None or self.cfg.tie_word_embeddings:
+            return 0
+        return sum(t.nbytes for _, _, t in self.embed_table)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """Embedding rows for `ids` [L] -> [L, D]: from memory when the table is resident, else read
