@@ -243,3 +243,18 @@ def _requests_count(text: str) -> float:
         if line.startswith("tpi_requests_total{") and 'status="200"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@pytest.mark.timeout(180)
+def test_tpi_chat_streams_and_keeps_the_conversation(server, smollm2):
+    first = "What is the capital of France?"
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "chat", "--url", server.url, "--temperature", "0",
+                          "--max-tokens", "24"], input=f"{first}\nAnd of Italy?\n", capture_output=True, text=True,
+                         timeout=170)
+    assert out.returncode == 0, out.stderr
+    answers = [line.split("assistant> ", 1)[1] for line in out.stdout.splitlines() if "assistant> " in line]
+    assert len(answers) == 2, out.stdout
+    assert answers[0] == _greedy_text(smollm2, messages=[{"role": "user", "content": first}])
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": answers[0]},
+               {"role": "user", "content": "And of Italy?"}]
+    assert answers[1] == _greedy_text(smollm2, messages=history)  # the second turn saw the first
