@@ -101,10 +101,6 @@ def read_rows(fd: int, info: TensorInfo, row_start: int, row_end: int) -> torch.
     return out
 
 
-def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
-    return read_rows(fd, info, 0, info.shape[0] if info.shape else 1)
-
-
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor, in order, from chunks of rows.
 

@@ -23,8 +23,8 @@ import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan, make_plan
-from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows, read_tensor
-from tpi.scheduler import BlockSpec, TensorRange
+from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows
+from tpi.scheduler import BlockSpec, TensorRange, read_block
 
 SPLIT_FORMAT = 1
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -323,9 +323,4 @@ def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: in
 def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
                kind: BlockKind) -> dict[str, torch.Tensor]:
     """Read one block file whole; its size is checked against the manifest first."""
-    path = _checked_path(shard_dir, manifest, block_file(rank, layer, kind))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {name: read_tensor(fd, info) for name, info in read_header(str(path)).items()}
-    finally:
-        os.close(fd)
+    return read_block(block_spec(shard_dir, manifest, rank, layer, kind))
