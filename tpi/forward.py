@@ -21,7 +21,7 @@ from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError
 from tpi.hetero import SplitContext, measure_ratio, split_block
 from tpi.kv_cache import KVCache
-from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_inv_freq
+from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
@@ -121,6 +121,7 @@ class RankModel:
                                      pin_memory=self.device.type == "cuda").start()
         self.embed_table = self._resident_embedding(budget) if rank == 0 else None
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
+        self._rope: tuple = (None, None)  # ((start, length, device), (cos, sin)): once per step, not per layer
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
         self.steps = 0
 
@@ -178,9 +179,17 @@ class RankModel:
 
     def attention(self, layer: int, x: torch.Tensor, seq: int, start: int) -> torch.Tensor:
         def run(x: torch.Tensor, w: Weights) -> torch.Tensor:
-            return attention_partial(x, w, self.cache.layer(seq, layer), start, self.cfg, self.inv_freq,
+            return attention_partial(x, w, self.cache.layer(seq, layer), start, self.cfg, self.rope(start, x),
                                      self.cfg.sliding_windows[layer])
         return self._block((layer, "attn"), x, run)
+
+    def rope(self, start: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions [start, start + len(x)) on x's device; every layer of a step shares them."""
+        key = (start, x.shape[0], x.device)
+        if self._rope[0] != key:
+            positions = torch.arange(start, start + x.shape[0], device=x.device)
+            self._rope = (key, rope_cos_sin(self.inv_freq.to(x.device), positions, x.dtype))
+        return self._rope[1]
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._block((layer, "ffn"), x, lambda x, w: ffn_partial(x, w, self.cfg))

@@ -43,8 +43,9 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [L, head_dim] for integer positions [L], computed in float32."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim] for integer positions [L], computed in float32, cast to `dtype`."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [L, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -77,10 +78,11 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch
 
 
 def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int, cfg: ModelConfig,
-                      inv_freq: torch.Tensor, window: int | None) -> torch.Tensor:
+                      rope: tuple[torch.Tensor, torch.Tensor], window: int | None) -> torch.Tensor:
     """This rank's share of self-attention for tokens at positions [start, start + L).
 
-    x [L, D] is the layer input (residual stream); returns the partial output [L, D].
+    x [L, D] is the layer input (residual stream); rope is (cos, sin) [L, hd] for those positions,
+    on x's device; returns the partial output [L, D].
     """
     L, hd = x.shape[0], cfg.head_dim
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
@@ -90,12 +92,11 @@ def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm.weight"], cfg.rms_norm_eps)
-    positions = torch.arange(start, start + L, device=x.device)
-    cos, sin = rope_cos_sin(inv_freq.to(x.device), positions, x.dtype)
+    cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     dev = cache.k.device  # the attention core runs where the cache lives
     keys, values = cache.append(start, k.to(dev), v.to(dev))  # [Hkv, start + L, hd]
-    mask = attention_mask(positions.to(dev), keys.shape[1], window)
+    mask = attention_mask(torch.arange(start, start + L, device=dev), keys.shape[1], window)
     out = F.scaled_dot_product_attention(q.to(dev), keys, values, attn_mask=mask, scale=hd**-0.5,
                                          enable_gqa=q.shape[0] != keys.shape[0])  # [Hq, L, hd]
     out = out.transpose(0, 1).reshape(L, -1).to(x.device)
