@@ -6,6 +6,7 @@ Subcommands: split, worker, master, run. Nothing here knows model math or the wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -170,8 +171,7 @@ def cmd_master(args) -> None:
                 _messages(argparse.Namespace(system=args.system, prompt=prompt)))
             res = engine.generate(ids, args.max_new_tokens, params, args.stop,
                                   lambda new, text: print(text, end="", flush=True))
-            _print_timing({"ids": res.ids, "finish_reason": res.finish_reason, "ttft_s": res.ttft_s,
-                           "decode_s": res.decode_s})
+            _print_timing(dataclasses.asdict(res))
     finally:
         node.close()
 

@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import numpy as np
@@ -110,7 +109,6 @@ class LocalCluster:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self.master_address: str | None = None
-        self.info: dict[str, Any] = {}
         self._rid = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -153,7 +151,6 @@ class LocalCluster:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(f"tcp://127.0.0.1:{ports[1]}")
         self._request({"op": "ready"}, timeout=self.start_timeout, watch_all=True)
-        self.info = self._request({"op": "info"})[0]
 
     def close(self) -> None:
         """Stop every rank: ask the master to shut down, then terminate or kill what remains."""

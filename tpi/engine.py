@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,12 +32,6 @@ class GenerationResult:
     prompt_tokens: int
     ttft_s: float  # request start to first token
     decode_s: float  # first token to last token
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def ms_per_token(self) -> float:
-        n = len(self.ids) - 1
-        return 1000 * self.decode_s / n if n > 0 else float("nan")
 
 
 class Engine:

@@ -56,6 +56,3 @@ class KVCache:
         slot = self._slot.pop(seq, None)
         if slot is not None:
             self._free.append(slot)
-
-    def active(self) -> list[int]:
-        return list(self._slot)

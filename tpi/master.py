@@ -119,9 +119,6 @@ def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
                "prompt_tokens": res.prompt_tokens, "ttft_s": res.ttft_s, "decode_s": res.decode_s})
     elif op == "stats":
         reply({"event": "stats", "ranks": engine.stats()})
-    elif op == "info":
-        reply({"event": "info", "max_context": engine.max_context, "vocab_size": engine.cfg.vocab_size,
-               "world_size": engine.manifest.plan.world_size, "pid": os.getpid()})
     elif op == "ready":
         reply({"event": "ready"})
     else:

@@ -66,13 +66,22 @@ class SchedulerError(RuntimeError):
     pass
 
 
+def _fresh(block: BlockSpec, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    return {t.name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin_memory) for t in block.tensors}
+
+
+def _fill(fd: int, block: BlockSpec, out: dict[str, torch.Tensor]) -> None:
+    """pread each tensor's byte range into its place in `out`."""
+    for t in block.tensors:
+        pread_into(fd, out[t.name], t.offset)
+
+
 def read_block(block: BlockSpec) -> dict[str, torch.Tensor]:
     """A block's tensors read once into fresh host tensors (for placement elsewhere)."""
     fd = os.open(block.path, os.O_RDONLY)
     try:
-        out = {t.name: torch.empty(t.shape, dtype=t.dtype) for t in block.tensors}
-        for t in block.tensors:
-            pread_into(fd, out[t.name], t.offset)
+        out = _fresh(block)
+        _fill(fd, block, out)
         return out
     finally:
         os.close(fd)
@@ -270,11 +279,10 @@ class WeightScheduler:
     def _read(self, block: BlockSpec, buffer: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Read a block into `buffer` (streamed) or into fresh tensors (pinned)."""
         fd = self._fd(block.path)
-        out = self._views(block, buffer) if buffer is not None else {
-            t.name: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory) for t in block.tensors}
-        for t in block.tensors:
-            pread_into(fd, out[t.name], t.offset)
-            if self.drop and buffer is not None:
+        out = self._views(block, buffer) if buffer is not None else _fresh(block, self.pin_memory)
+        _fill(fd, block, out)
+        if self.drop and buffer is not None:
+            for t in block.tensors:
                 os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
         self.counters.bytes_read += sum(t.nbytes for t in block.tensors)
         self.counters.loads += 1
