@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 
-from tpi.comm.wire import MAX_HEADER_BYTES, WITH_TENSOR, Expect, Kind, Message, WireError, decode, encode
+from tpi.comm.wire import MAX_HEADER_BYTES, WITH_DATA, WITH_TENSOR, Expect, Kind, Message, WireError, decode, encode
 
 HIDDEN = 4
 ANY = Expect(frozenset(Kind), hidden=HIDDEN, dtype=torch.float32, max_length=16, max_layer=2)
@@ -31,6 +31,8 @@ ROW = bytes(4 * HIDDEN)  # one row of float32 zeros
 def sample(kind: Kind, dtype: torch.dtype | None) -> Message:
     fields = {"seq": 7, "step": 3, "layer": 1, "phase": 1, "start": 5}
     info = {"reason": "manifest differs", "rank": 2} if kind in INFO_KINDS else {}
+    if kind in WITH_DATA:
+        return Message(kind, info=info, data=bytes(range(256)) * 3, **fields)
     if dtype is None:
         return Message(kind, info=info, **fields)
     tensor = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(int(kind))).to(dtype)
@@ -49,7 +51,9 @@ def test_round_trip(kind: Kind, dtype: torch.dtype | None) -> None:
     got = decode(wire, expect)
     assert (got.kind, got.tag, got.start, got.length, got.info) == (msg.kind, msg.tag, msg.start, msg.length,
                                                                     msg.info)
-    if dtype is None:
+    if kind in WITH_DATA:
+        assert got.tensor is None and got.data == msg.data and len(wire) == 2
+    elif dtype is None:
         assert got.tensor is None and len(wire) == 1
     else:
         assert got.tensor.dtype == dtype and torch.equal(got.tensor, msg.tensor)
@@ -191,3 +195,13 @@ def test_fuzz_only_wire_errors() -> None:
         except Exception as e:  # noqa: BLE001 - the property under test
             pytest.fail(f"case {i} {wire!r} raised {type(e).__name__}: {e}")
     assert 0 < accepted < 2000  # the mutations reach both outcomes
+
+
+def test_data_frames_are_bounded() -> None:
+    """A MANIFEST or CHUNK frame larger than the receiver allows is refused before it is copied."""
+    small = Expect(frozenset({Kind.CHUNK}), max_data=10)
+    assert decode(encode(Message(Kind.CHUNK, data=b"x" * 10)), small).data == b"x" * 10
+    with pytest.raises(WireError, match="exceeds 10"):
+        decode(encode(Message(Kind.CHUNK, data=b"x" * 11)), small)
+    with pytest.raises(WireError, match="needs a data frame"):
+        decode(encode(Message(Kind.CHUNK))[:1], small)

@@ -93,7 +93,10 @@ class LocalCluster:
                  start_timeout: float = 300.0, progress: bool = False, window: int | None = None,
                  memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
                  stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
-                 split_ratio: float | None = None):
+                 split_ratio: float | None = None, worker_cache_dir: str | os.PathLike | None = None):
+        """`worker_cache_dir`: workers read no split folder but fetch their shards from the master
+        into <worker_cache_dir>/rank<R> (kept there for the next start), as on separate machines."""
+        self.worker_cache_dir = worker_cache_dir
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
         self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
         self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
@@ -137,9 +140,11 @@ class LocalCluster:
                               memory=self.memory[0])
         self.ranks.spawn(0, master_process, mopts, ports, published)
         for rank in range(1, self.world_size):  # they start while the master loads: they wait for its port
-            self.ranks.spawn_worker(WorkerOptions("", rank, str(self.shard_dir), self.threads, self.max_context,
-                                                  self.step_timeout, self.start_timeout, parent_pid=me,
-                                                  memory=self.memory[rank]), ports, published)
+            fetch_dir = None if self.worker_cache_dir is None else os.path.join(self.worker_cache_dir, f"rank{rank}")
+            self.ranks.spawn_worker(WorkerOptions("", rank, None if fetch_dir else str(self.shard_dir), self.threads,
+                                                  self.max_context, self.step_timeout, self.start_timeout,
+                                                  parent_pid=me, memory=self.memory[rank], cache_dir=fetch_dir),
+                                    ports, published)
         deadline = time.monotonic() + self.start_timeout
         while not published.wait(0.2):
             self.ranks.check()

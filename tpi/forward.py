@@ -124,6 +124,7 @@ class RankModel:
         self._rope: tuple = (None, None)  # ((start, length, device), (cos, sin)): once per step, not per layer
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
         self.steps = 0
+        self.fetched_bytes = 0  # shard bytes this worker downloaded from the master at start
 
     def stats(self, comm: Communicator) -> dict:
         """Counters since start, as plain numbers (they travel in a STATS_REPLY)."""
@@ -141,10 +142,12 @@ class RankModel:
             "largest_block_bytes": max((b.nbytes for b in blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
             "split_ratio": self.split.ratio if self.split else 0.0,
+            "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
         }
 
-    def _place_on_gpu(self, specs: list, memory: MemoryOptions) -> dict[tuple, Weights]:
-        """Blocks that fit the GPU budget after the KV cache, largest first, loaded onto the GPU."""
+    def _place_on_gpu(self, specs: list, memory: MemoryOptions, slots: int) -> dict[tuple, Weights]:
+        """Blocks that fit the GPU budget after the KV cache and the split's `slots` bytes, largest
+        first, loaded onto the GPU."""
         budget = parse_bytes(memory.gpu_memory_budget)
         if budget is None:
             budget = int(0.9 * torch.cuda.mem_get_info(self.device)[0])

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tpi.comm.base import SingleRank
 from tpi.comm.zmq_star import StarMaster
 from tpi.engine import Engine, GenerationResult
+from tpi.fetch import ShardServer
 from tpi.forward import MemoryOptions
 from tpi.sampling import SamplingParams
 from tpi.weights import Manifest
@@ -53,7 +54,7 @@ class MasterNode:
         cfg, world = self.manifest.config, self.manifest.plan.world_size
         self.comm = SingleRank() if world == 1 else StarMaster(
             opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers,
-            opts.step_timeout)
+            opts.step_timeout, files=ShardServer(opts.shard_dir, self.manifest))
         self.address = getattr(self.comm, "address", None)
         self.engine: Engine | None = None
 

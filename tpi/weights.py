@@ -271,12 +271,31 @@ class Manifest:
         path = Path(shard_dir) / "manifest.json"
         if not path.is_file():
             raise ConfigError(f"{shard_dir}: no manifest.json; expected a folder written by `tpi split`")
-        data = path.read_bytes()
-        raw = json.loads(data)
-        if raw.get("format") != SPLIT_FORMAT:
-            raise ConfigError(f"{path}: split format {raw.get('format')!r}, expected {SPLIT_FORMAT}; split again")
+        return cls.parse(path.read_bytes(), str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, source: str = "manifest") -> Manifest:
+        """Parse a manifest file's bytes (e.g. as sent by the master), checking its structure."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{source}: not a JSON manifest ({e})") from None
+        if not isinstance(raw, dict) or raw.get("format") != SPLIT_FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ConfigError(f"{source}: split format {got!r}, expected {SPLIT_FORMAT}; split again")
+        files = raw.get("files")
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+                for v in files.values()):
+            raise ConfigError(f"{source}: 'files' must map each file to its size and sha256")
+        if raw.get("dtype") not in DTYPE_NAMES:
+            raise ConfigError(f"{source}: dtype {raw.get('dtype')!r}, expected one of {list(DTYPE_NAMES)}")
         return cls(raw, ModelConfig.from_hf(raw["config"]), ShardPlan.from_dict(raw["plan"]),
                    DTYPE_NAMES[raw["dtype"]], hashlib.sha256(data).hexdigest())
+
+    def rank_files(self, rank: int) -> dict[str, dict]:
+        """The files rank `rank` reads: relative path -> {size, sha256}."""
+        return {rel: f for rel, f in self.raw["files"].items() if rel.startswith(f"rank{rank}/")}
 
 
 def _checked_path(shard_dir: str | os.PathLike, manifest: Manifest, rel: str) -> Path:

@@ -18,9 +18,10 @@ import torch
 from tpi.comm.base import CommError, Shutdown, StepAborted
 from tpi.comm.wire import Kind
 from tpi.comm.zmq_star import StarWorker
+from tpi.fetch import fetch_shards
 from tpi.forward import MemoryOptions, RankModel, run_layers
 from tpi.kv_cache import CacheError
-from tpi.weights import Manifest
+from tpi.weights import Manifest, cache_root
 
 log = logging.getLogger("tpi.worker")
 
@@ -29,23 +30,32 @@ log = logging.getLogger("tpi.worker")
 class WorkerOptions:
     master: str  # tcp://host:port
     rank: int
-    shard_dir: str
+    shard_dir: str | None  # a split folder; None: fetch this rank's files from the master into cache_dir
     threads: int = 1
     max_context: int | None = None
     step_timeout: float = 60.0
     join_timeout: float = 300.0
     parent_pid: int | None = None  # exit when this process is gone (LocalCluster children)
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    cache_dir: str | None = None  # where fetched shards are kept (default: <tpi cache>/fetched/rank<R>)
+    progress: bool = False  # a progress bar while fetching
 
 
 def serve(opts: WorkerOptions) -> None:
     """Load this rank's shard, join the master and serve steps until SHUTDOWN or a lost master."""
     torch.set_num_threads(opts.threads)
-    manifest = Manifest.load(opts.shard_dir)
+    shard_dir, fetched = opts.shard_dir, None
+    if shard_dir is None:
+        fetched = fetch_shards(opts.master, opts.rank, opts.cache_dir or cache_root() / "fetched" / f"rank{opts.rank}",
+                               opts.join_timeout, opts.step_timeout, opts.progress)
+        shard_dir = str(fetched.shard_dir)
+    manifest = Manifest.load(shard_dir)
     if not 1 <= opts.rank < manifest.plan.world_size:
         raise CommError(f"rank {opts.rank} is not a worker rank of this split (1..{manifest.plan.world_size - 1})")
-    model = RankModel(opts.shard_dir, manifest, opts.rank, opts.max_context, memory=opts.memory,
+    model = RankModel(shard_dir, manifest, opts.rank, opts.max_context, memory=opts.memory,
                       threads=opts.threads)
+    if fetched is not None:
+        model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
     comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
                       manifest.dtype, cfg.num_layers, opts.step_timeout)

@@ -37,6 +37,10 @@ class Kind(IntEnum):
     PING = 11  # master -> worker: liveness probe, ignored by the receiver
     STATS = 12  # master -> worker: report your counters
     STATS_REPLY = 13  # worker -> master: counters in info
+    GET_MANIFEST = 14  # worker -> master, before joining: rank, protocol
+    MANIFEST = 15  # master -> worker: digest, size + the manifest file's bytes
+    GET_CHUNK = 16  # worker -> master: file, offset, size (a byte range of one of its shard files)
+    CHUNK = 17  # master -> worker: file, offset + the bytes
 
 
 class Phase(IntEnum):
@@ -45,6 +49,7 @@ class Phase(IntEnum):
 
 
 WITH_TENSOR = {Kind.STEP, Kind.PARTIAL, Kind.REDUCED}
+WITH_DATA = {Kind.MANIFEST, Kind.CHUNK}  # a raw bytes frame, not a tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INT_FIELDS = ("seq", "step", "layer", "phase", "start", "length")
@@ -75,6 +80,7 @@ class Message:
     length: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # HELLO/REFUSE/ERROR/STATS details: str, int, float
     tensor: torch.Tensor | None = None
+    data: bytes | memoryview | None = None  # MANIFEST/CHUNK: file bytes
 
     @property
     def tag(self) -> Tag:
@@ -90,6 +96,8 @@ def encode(msg: Message) -> list:
             header[name] = value
     if msg.info:
         header["info"] = msg.info
+    if msg.data is not None:
+        return [msgpack.packb(header), msg.data]
     if msg.tensor is None:
         return [msgpack.packb(header)]
     t = msg.tensor.contiguous()
@@ -109,6 +117,7 @@ class Expect:
     dtype: torch.dtype = torch.float32
     max_length: int = 1 << 20
     max_layer: int = 1 << 16
+    max_data: int = 16 << 20  # bytes in a MANIFEST or CHUNK frame
 
 
 def decode(frames: list, expect: Expect) -> Message:
@@ -132,14 +141,21 @@ def decode(frames: list, expect: Expect) -> Message:
     unknown = set(header) - {"k", "info", "dtype", "shape", *INT_FIELDS}
     if unknown:
         raise WireError(f"unknown header fields {sorted(unknown)}")
-    tensor = None
+    tensor = data = None
     if kind in WITH_TENSOR:
         if len(frames) != 2:
             raise WireError(f"{kind.name} needs a tensor frame, got {len(frames) - 1}")
         tensor = _tensor(header, frames[1], values["length"], expect)
+    elif kind in WITH_DATA:
+        if len(frames) != 2:
+            raise WireError(f"{kind.name} needs a data frame, got {len(frames) - 1}")
+        raw_data = _bytes(frames[1])
+        if len(raw_data) > expect.max_data:
+            raise WireError(f"{kind.name} data frame of {len(raw_data)} bytes exceeds {expect.max_data}")
+        data = bytes(raw_data)
     elif len(frames) != 1:
         raise WireError(f"{kind.name} carries no tensor, got an extra frame")
-    return Message(kind, info=info, tensor=tensor, **values)
+    return Message(kind, info=info, tensor=tensor, data=data, **values)
 
 
 def _bytes(frame) -> bytes | memoryview:

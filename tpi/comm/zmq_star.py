@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import zmq
@@ -22,6 +23,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from tpi.comm.base import CommError, PeerLost, Shutdown, StepAborted
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, Tag, WireError, decode, encode
+
+
+class FileServer(Protocol):
+    def answer(self, msg: Message) -> Message: ...
+
 
 log = logging.getLogger("tpi.comm")
 
@@ -42,8 +48,9 @@ class StarMaster:
     rank = 0
 
     def __init__(self, bind: str, world_size: int, digest: str, hidden: int, dtype: torch.dtype,
-                 num_layers: int, step_timeout: float = 60.0):
+                 num_layers: int, step_timeout: float = 60.0, files: FileServer | None = None):
         self.world_size, self.digest, self.step_timeout = world_size, digest, step_timeout
+        self.files = files  # answers workers that fetch their shards before joining
         self.ctx = zmq.Context()
         self.sock = _socket(self.ctx, zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
@@ -60,14 +67,15 @@ class StarMaster:
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
         self._stats: dict[int, dict] = {}
         self.allreduce_s, self.allreduce_calls = 0.0, 0
-        self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY}), hidden, dtype,
-                             max_layer=num_layers)
+        self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
+                                        Kind.GET_CHUNK}), hidden, dtype, max_layer=num_layers)
 
     # -- joining -------------------------------------------------------------------------------
     def wait_for_workers(self, timeout: float, check: Callable[[], None] | None = None) -> None:
         """Block until ranks 1..N-1 have joined; the error names the ranks still missing.
         `check` is called while waiting (e.g. to notice a local worker process that died)."""
         deadline = time.monotonic() + timeout
+        note = time.monotonic() + 10
         while len(self.peers) < self.world_size - 1:
             if check is not None:
                 check()
@@ -76,6 +84,9 @@ class StarMaster:
             if left <= 0:
                 raise CommError(f"timed out after {timeout:.0f}s waiting for worker rank(s) {missing} "
                                 f"to join at {self.address}")
+            if time.monotonic() > note:
+                log.warning("waiting for worker rank(s) %s to join at %s (%.0fs left)", missing, self.address, left)
+                note = time.monotonic() + 10
             self._poll_once(left, None, {})
 
     def _welcome(self, ident: bytes, msg: Message) -> None:
@@ -158,6 +169,12 @@ class StarMaster:
         rank = self.peers.get(ident)
         if msg.kind == Kind.HELLO:
             self._welcome(ident, msg)
+        elif msg.kind in (Kind.GET_MANIFEST, Kind.GET_CHUNK):
+            reply = self.files.answer(msg) if self.files else Message(
+                Kind.REFUSE, info={"reason": "this master serves no shard files"})
+            if reply.kind == Kind.REFUSE:
+                log.warning("refused a shard request from %r: %s", ident[:32], reply.info["reason"])
+            self._send(ident, reply, quiet=True)
         elif rank is None:
             log.warning("refused a %s from an unknown peer %r", msg.kind.name, ident[:32])
         elif msg.kind == Kind.ERROR:
