@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from tpi.config import ConfigError
@@ -50,6 +51,8 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpi", description="tensor-parallel inference on small devices")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="exit when stdin closes (how `tpi launch` ties remote processes to itself)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("split", help="split a HF checkpoint into per-rank block files")
@@ -62,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one worker rank that connects to a master")
     p.add_argument("--master", required=True, help="the master's address, tcp://HOST:PORT")
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
+    p.add_argument("--shards", help="a folder written by `tpi split` (default: fetch this rank's shards from "
+                   "the master and keep them in --cache-dir)")
+    p.add_argument("--cache-dir", help="where fetched shards are kept (default: ~/.cache/tpi/fetched/rank<R>)")
     _add_rank(p)
+
+    p = sub.add_parser("launch", help="start a cluster config's master here and its workers over ssh")
+    p.add_argument("config", help="a cluster config, e.g. cluster_configs/home-4.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the command for each machine and exit")
 
     p = sub.add_parser("master", help="run rank 0: wait for the workers, then answer prompts")
     p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
@@ -151,7 +160,24 @@ def cmd_worker(args) -> None:
     from tpi.worker import WorkerOptions, serve
 
     serve(WorkerOptions(args.master, args.rank, args.shards, args.threads, args.max_context,
-                        args.step_timeout, args.join_timeout, memory=_memory(args)))
+                        args.step_timeout, args.join_timeout, memory=_memory(args), cache_dir=args.cache_dir,
+                        progress=sys.stderr.isatty()))
+
+
+def cmd_launch(args) -> None:
+    from tpi.cluster_config import load_cluster_config
+    from tpi.launch import Launcher, dry_run, node_commands
+
+    cfg = load_cluster_config(args.config)
+    commands = node_commands(cfg)
+    if args.dry_run:
+        dry_run(commands)
+        return
+    with Launcher(commands) as launcher:
+        print(f"launched {cfg.name}: {cfg.world_size} rank(s); Ctrl-C stops them all", file=sys.stderr, flush=True)
+        code = launcher.wait()
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_master(args) -> None:
@@ -243,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run,
-                "serve": cmd_serve, "chat": cmd_chat}
+                "serve": cmd_serve, "chat": cmd_chat, "launch": cmd_launch}
+    if args.exit_with_stdin:
+        _exit_with_stdin()
     from tpi.chat import ChatError
     from tpi.cluster import ClusterError
     from tpi.comm.base import CommError
@@ -254,6 +282,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tpi {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _exit_with_stdin() -> None:
+    """SIGTERM ourselves (a clean unwind through sys.exit) when stdin reaches its end."""
+    def watch() -> None:
+        while sys.stdin.buffer.read1(4096):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="tpi-stdin-watch").start()
 
 
 if __name__ == "__main__":

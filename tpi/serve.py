@@ -78,8 +78,8 @@ def serve(opts: ServeOptions) -> None:
                 ranks.spawn_worker(wopts)
         elif world > 1:
             print(f"waiting for {world - 1} worker(s) at {node.address}; start each with\n"
-                  f"  tpi worker --master tcp://THIS_HOST:{node.address.rsplit(':', 1)[1]} --rank K "
-                  f"--shards {shard_dir}", file=sys.stderr, flush=True)
+                  f"  tpi worker --master tcp://THIS_HOST:{node.address.rsplit(':', 1)[1]} --rank K\n"
+                  f"(each fetches its shard files from here on its first start)", file=sys.stderr, flush=True)
         engine = node.start(check=ranks.check)
         engine_thread = EngineThread(engine, opts.queue_size).start()
         name = opts.model_name or Path(opts.model or shard_dir).name

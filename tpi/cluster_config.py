@@ -1,0 +1,196 @@
+"""Cluster configs: the YAML file that says which machine runs which rank, validated once.
+
+Owns: the schema of ``cluster_configs/*.yaml`` (master address and ports, each worker's host,
+rank, device, memory budget and share ratio, the model, the scheduler window, optional link
+emulation), its validation with errors that name the field and the value, and the derived
+numbers the launchers need (world size, ratios in rank order, link delay and rate in SI units).
+Does not know: how processes are started (``launch.py``, ``emulate.py``), sockets, torch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tpi.config import ConfigError
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+_DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
+_RATE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)\s*", re.IGNORECASE)
+_HOST = re.compile(r"[A-Za-z0-9_.:\-\[\]]+")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _size(value: str | int | None, name: str) -> str | int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    if isinstance(value, str) and _SIZE.fullmatch(value) and float(_SIZE.fullmatch(value).group(1)) > 0:
+        return value
+    raise ValueError(f"{name}={value!r}: expected bytes or a size such as 800MB, 2GB or 1.5GiB")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Link(_Strict):
+    """An emulated link between every node and the switch: one-way delay and rate."""
+
+    delay: str = "0ms"  # one way, e.g. 2ms, 500us
+    rate: str | None = None  # e.g. 100mbit, 1gbit; None: unlimited
+
+    @field_validator("delay")
+    @classmethod
+    def _delay(cls, v: str) -> str:
+        if not _DELAY.fullmatch(v):
+            raise ValueError(f"delay={v!r}: expected a duration such as 0ms, 500us or 5ms")
+        return v
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        if v is not None and (not _RATE.fullmatch(v) or float(_RATE.fullmatch(v).group(1)) <= 0):
+            raise ValueError(f"rate={v!r}: expected a rate such as 100mbit or 1gbit")
+        return v
+
+    @property
+    def delay_s(self) -> float:
+        num, unit = _DELAY.fullmatch(self.delay).groups()
+        return float(num) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+    @property
+    def rate_bps(self) -> float | None:
+        """Bits per second, or None for an unlimited link."""
+        if self.rate is None:
+            return None
+        num, unit = _RATE.fullmatch(self.rate).groups()
+        return float(num) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[unit.lower()]
+
+
+class Node(_Strict):
+    """What every rank has: where it runs and what it may use."""
+
+    host: str = "127.0.0.1"  # the address others reach this machine at (the master's: where workers dial)
+    ssh: str | None = None  # ssh destination when it differs from host, e.g. pi@kitchen.local
+    device: str = "cpu"
+    memory_budget: str | int | None = None  # None: every block resident
+    gpu_memory_budget: str | int | None = None
+    ratio: float = Field(1.0, ge=0)  # share of heads and FFN columns, relative to the others
+    threads: int = Field(1, ge=1, le=256)
+    tpi: str = "tpi"  # how to run tpi on that machine, e.g. ~/venv/bin/tpi
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not _HOST.fullmatch(v):
+            raise ValueError(f"host={v!r}: expected a host name or an IP address")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"device={v!r}: expected cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("memory_budget", "gpu_memory_budget")
+    @classmethod
+    def _budget(cls, v, info):
+        return _size(v, info.field_name)
+
+    @property
+    def local(self) -> bool:
+        return self.ssh is None and self.host in LOCAL_HOSTS
+
+
+class MasterSpec(Node):
+    port: int = Field(5555, ge=1, le=65535)  # where workers connect
+    bind: str = "0.0.0.0"  # the interface that port listens on
+    http_host: str = "127.0.0.1"  # the HTTP API; 0.0.0.0 to reach it from other machines
+    http_port: int = Field(8000, ge=0, le=65535)
+
+
+class WorkerSpec(Node):
+    rank: int = Field(ge=1)
+    cache_dir: str | None = None  # where the worker keeps fetched shards (default ~/.cache/tpi)
+
+
+class ClusterConfig(_Strict):
+    """One cluster: rank 0 is the master, workers are ranks 1..N-1."""
+
+    name: str = "cluster"
+    model: str = "embedded"  # a HF checkpoint folder on the master, or "embedded" (SmolLM2-135M-Instruct)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    window: int | None = Field(None, ge=1)  # streamed blocks held at once on every rank
+    max_context: int | None = Field(None, ge=1)
+    step_timeout: float = Field(60.0, gt=0)
+    join_timeout: float = Field(300.0, gt=0)
+    link: Link | None = None  # emulated link (tpi emulate, docker-compose); ignored by tpi launch
+    master: MasterSpec = MasterSpec()
+    workers: list[WorkerSpec] = []
+
+    @model_validator(mode="after")
+    def _ranks(self) -> ClusterConfig:
+        ranks = sorted(w.rank for w in self.workers)
+        if ranks != list(range(1, len(self.workers) + 1)):
+            raise ValueError(f"workers: ranks {ranks} must be 1..{len(self.workers)}, each once")
+        if sum(n.ratio for n in self.nodes) <= 0:
+            raise ValueError("ratio: at least one node needs a positive ratio")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return 1 + len(self.workers)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """Rank order: the master, then workers by rank."""
+        return [self.master, *sorted(self.workers, key=lambda w: w.rank)]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [n.ratio for n in self.nodes]
+
+    @property
+    def master_address(self) -> str:
+        """Where workers connect."""
+        return f"tcp://{self.master.host}:{self.master.port}"
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a cluster config; ConfigError names the file, the field and the value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"cluster config {str(path)!r}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_cluster_config(raw, str(path))
+
+
+def parse_cluster_config(raw: object, source: str = "config") -> ClusterConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    value = err.get("input")
+    if isinstance(value, (str, int, float)) and str(value) not in msg:
+        msg = f"got {value!r}: {msg}"
+    return f"{loc}: {msg}" if loc else msg
