@@ -1,0 +1,365 @@
+"""One allreduce of a hidden-state vector on loopback: tpi's star, ring, tree, gloo and a bare star.
+
+For each world size, every rank is its own spawned process with 1 torch thread, and every
+collective lives in those same processes at once: tpi's star (``StarMaster``/``StarWorker``
+from tpi/comm/zmq_star.py, used as a library, as the cluster uses it), the ring and the tree
+(tpi/comm/ring.py, tree.py), torch.distributed's gloo (tpi/comm/gloo.py), and a bare pyzmq
+star (ROUTER/DEALER, raw float32 bytes, no header, no checks, numpy sum in rank order): the
+floor our star is measured against. Each round runs every (collective, size) back to back,
+`--iters` allreduces after `--warmup`, the order rotating from round to round so that slow
+drifts of this shared machine hit all alike. Rank 0 times each call; the table quotes the
+median and p99 over all rounds and each collective's median over the bare star's.
+
+Also fits the loopback link's alpha (one-way time) and bandwidth from ping-pong round trips of
+64 B and 1 MiB between ranks 0 and 1 (bare sockets), and shows what tpi/comm/cost.py's model
+would pick (`auto`) beside the fastest measured.
+
+Writes the table to stdout and bench/out/comm.md, and bench/out/comm.png (median latency against
+world size, one panel per vector size). Does not know: the model, the cluster.
+
+    python bench/comm.py                      # world sizes 2,3,4,8; 2048 and 8192 values
+    python bench/comm.py --quick              # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+ALGOS = ("bare", "star", "ring", "tree", "gloo")
+TIMEOUT_MS = 60_000
+
+
+class BareStar:
+    """The floor: rank 0 ROUTER, workers DEALER; raw float32 bytes, no header, no validation."""
+
+    def __init__(self, rank: int, world_size: int):
+        import zmq
+
+        self.rank, self.world_size = rank, world_size
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER if rank == 0 else zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
+        self.address = ""
+        if rank == 0:
+            self.sock.bind("tcp://127.0.0.1:0")
+            self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.sock.setsockopt(zmq.IDENTITY, b"%d" % rank)
+        self.idents: list[bytes] = []
+
+    def connect(self, address: str) -> None:
+        if self.rank == 0:
+            self.idents = sorted((self.sock.recv_multipart()[0] for _ in range(self.world_size - 1)), key=int)
+            for ident in self.idents:
+                self.sock.send_multipart([ident, b"ok"])
+        else:
+            self.sock.connect(address)
+            self.sock.send(b"hi")
+            self.sock.recv()
+
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
+        if self.rank:
+            self.sock.send(x)
+            return np.frombuffer(self.sock.recv(), dtype=np.float32)
+        got = {}
+        for _ in range(self.world_size - 1):
+            ident, data = self.sock.recv_multipart(copy=False)
+            got[ident.bytes] = data
+        acc = x.copy()
+        for ident in self.idents:  # rank order
+            acc += np.frombuffer(got[ident].buffer, dtype=np.float32)
+        for ident in self.idents:
+            self.sock.send_multipart([ident, acc])
+        return acc
+
+    def roundtrip(self, nbytes: int) -> float:
+        """Rank 0: send nbytes to rank 1 and wait for them back."""
+        data = bytes(nbytes)
+        t0 = time.perf_counter()
+        self.sock.send_multipart([self.idents[0], data])
+        self.sock.recv_multipart(copy=False)
+        return time.perf_counter() - t0
+
+    def echo(self) -> None:
+        """Rank 1: send back what comes until an empty message."""
+        while True:
+            data = self.sock.recv(copy=False)
+            if len(data) == 0:
+                return
+            self.sock.send(data, copy=False)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+class Ranks:
+    """Every collective of one rank, built and connected in the same order on every rank."""
+
+    def __init__(self, rank: int, world_size: int, sizes: list[int], algos: list[str]):
+        from tpi.comm.gloo import GlooAllReduce
+        from tpi.comm.ring import RingAllReduce
+        from tpi.comm.tree import TreeAllReduce
+        from tpi.comm.zmq_star import StarMaster
+
+        self.rank, self.world_size, self.algos = rank, world_size, algos
+        self.bare = BareStar(rank, world_size)
+        self.ring = RingAllReduce(rank, world_size) if "ring" in algos else None
+        self.tree = TreeAllReduce(rank, world_size) if "tree" in algos else None
+        self.gloo = GlooAllReduce(rank, world_size) if "gloo" in algos else None
+        self.stars: dict[int, object] = {}
+        for size in sizes if "star" in algos and rank == 0 else []:
+            self.stars[size] = StarMaster("tcp://127.0.0.1:0", world_size, "bench", size, torch.float32, 1)
+        self._sizes = sizes
+
+    def addresses(self) -> dict[str, str]:
+        out = {"bare": self.bare.address}
+        out.update({f"star{s}": m.address for s, m in self.stars.items()})
+        for name in ("ring", "tree", "gloo"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).address
+        return out
+
+    def connect(self, addresses: list[dict[str, str]]) -> None:
+        from tpi.comm.zmq_star import StarWorker
+
+        self.bare.connect(addresses[0]["bare"])
+        for size in self._sizes if "star" in self.algos else []:
+            if self.rank == 0:
+                self.stars[size].wait_for_workers(60)
+            else:
+                worker = StarWorker(addresses[0][f"star{size}"], self.rank, self.world_size, "bench", size,
+                                    torch.float32, 1)
+                worker.join(60)
+                self.stars[size] = worker
+        for name in ("ring", "tree", "gloo"):
+            if getattr(self, name) is not None:
+                getattr(self, name).connect([a[name] for a in addresses])
+
+    def call(self, algo: str, size: int):
+        """A zero-argument function running one allreduce of `algo` at `size` values."""
+        from tpi.comm.wire import Tag
+
+        gen = torch.Generator().manual_seed(self.rank)
+        partial = torch.randn(1, size, generator=gen)  # [1, D]: one token's hidden state
+        if algo == "bare":
+            x = partial.numpy().reshape(-1)
+            return lambda i: self.bare.all_reduce(x)
+        comm = self.stars[size] if algo == "star" else getattr(self, algo)
+        return lambda i: comm.all_reduce(partial, Tag(1, i, 0, 0))
+
+    def close(self) -> None:
+        for c in [*self.stars.values(), self.ring, self.tree, self.gloo, self.bare]:
+            if c is not None:
+                c.close()
+
+
+def rank_main(rank: int, world_size: int, args: dict, up, down) -> None:
+    """A spawned rank: build everything, exchange addresses, measure, report to the parent."""
+    try:
+        torch.set_num_threads(1)
+        ranks = Ranks(rank, world_size, args["sizes"], args["algos"])
+        up.put(("addr", rank, ranks.addresses()))
+        ranks.connect(down.get(timeout=120))
+        link = measure_loopback(ranks)
+        times = run_schedule(ranks, args)
+        if rank == 0:
+            up.put(("result", rank, {"times": times, "link": link}))
+        ranks.close()
+    except BaseException:
+        up.put(("error", rank, traceback.format_exc()))
+
+
+def measure_loopback(ranks: Ranks) -> tuple[float, float] | None:
+    from tpi.comm.cost import measure_link
+
+    bare = ranks.bare
+    if ranks.rank == 0:
+        link = measure_link(bare.roundtrip)
+        bare.sock.send_multipart([bare.idents[0], b""])
+        for ident in bare.idents:  # the others wait for this, so that nothing else reaches rank 0 meanwhile
+            bare.sock.send_multipart([ident, b"go"])
+        return link.alpha_s, link.bandwidth
+    if ranks.rank == 1:
+        bare.echo()
+    bare.sock.recv()
+    return None
+
+
+def run_schedule(ranks: Ranks, args: dict) -> dict[str, list[float]]:
+    configs = [(algo, size) for size in args["sizes"] for algo in args["algos"]]
+    times: dict[str, list[float]] = {f"{a}/{s}": [] for a, s in configs}
+    for rnd in range(args["rounds"]):
+        k = rnd % len(configs)
+        for algo, size in configs[k:] + configs[:k]:
+            fn, out = ranks.call(algo, size), times[f"{algo}/{size}"]
+            for i in range(args["warmup"]):
+                fn(i)
+            for i in range(args["warmup"], args["warmup"] + args["iters"]):
+                t0 = time.perf_counter()
+                fn(i)
+                out.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_world(world_size: int, args: dict) -> dict:
+    """Spawn the ranks of one world size, hand them each other's addresses, collect rank 0's times."""
+    ctx = mp.get_context("spawn")
+    up = ctx.Queue()
+    downs = [ctx.Queue() for _ in range(world_size)]
+    procs = [ctx.Process(target=rank_main, args=(r, world_size, args, up, downs[r]), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        addrs = {}
+        while len(addrs) < world_size:
+            kind, rank, value = _get(up)
+            addrs[rank] = value
+        for d in downs:
+            d.put([addrs[r] for r in range(world_size)])
+        _, _, result = _get(up, timeout=1800)
+        return result
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def _get(q, timeout: float = 300) -> tuple:
+    item = q.get(timeout=timeout)
+    if item[0] == "error":
+        raise RuntimeError(f"rank {item[1]} failed:\n{item[2]}")
+    return item
+
+
+# -- report ------------------------------------------------------------------------------------
+def summarize(results: dict[int, dict], args: argparse.Namespace) -> list[dict]:
+    from tpi.comm.cost import Link, choose, predict
+
+    rows = []
+    for world, res in results.items():
+        link = Link(*res["link"])
+        for size in args.sizes:
+            row = {"world": world, "size": size}
+            for algo in args.algos:
+                t = np.array(res["times"][f"{algo}/{size}"]) * 1e6
+                row[algo] = (float(np.median(t)), float(np.percentile(t, 99)))
+            zmq_algos = [a for a in ("star", "ring", "tree") if a in args.algos]
+            row["model"] = choose(world, 4 * size, link)
+            row["predicted"] = {a: predict(a, world, 4 * size, link) * 1e6 for a in ("star", "ring", "tree")}
+            row["fastest"] = min(zmq_algos, key=lambda a: row[a][0]) if zmq_algos else "-"
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[float, float]]) -> str:
+    head = "| ranks | values |" + "".join(f" {a} median (p99) µs |" + ("" if a == "bare" else f" {a}/bare |")
+                                          for a in args.algos) + " model picks | fastest of star/ring/tree |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [str(r["world"]), str(r["size"])]
+        for a in args.algos:
+            med, p99 = r[a]
+            cells.append(f"{med:.0f} ({p99:.0f})")
+            if a != "bare":
+                cells.append(f"{med / r['bare'][0]:.2f}x" if "bare" in args.algos else "-")
+        cells += [r["model"], r["fastest"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    cores = os.cpu_count()
+    notes = [
+        "",
+        f"Loopback, {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
+        f"1 torch thread per rank; {args.rounds} rounds x {args.iters} timed allreduces (after {args.warmup} "
+        "warm-up) per cell, order rotating per round; rank 0's time per call, back to back.",
+        f"World sizes above {cores} oversubscribe this machine's {cores} cores: every hop then waits for the "
+        "scheduler, which punishes the collectives with more sequential hops (ring: 2(N-1), tree: 2 log2 N) "
+        "far more than it would on separate devices.",
+        "Loopback link fitted from ping-pong (64 B, 1 MiB) between ranks 0 and 1: " + "; ".join(
+            f"N={w}: alpha {a * 1e6:.0f} µs, {b / 1e9:.2f} GB/s" for w, (a, b) in links.items()),
+        "`model picks` is tpi/comm/cost.py's `auto` choice for that link (float32 payload).",
+    ]
+    return "\n".join(lines + notes)
+
+
+def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    fig, axes = plt.subplots(1, len(args.sizes), figsize=(6 * len(args.sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], args.sizes):
+        sel = [r for r in rows if r["size"] == size]
+        for algo in args.algos:
+            ax.plot([r["world"] for r in sel], [r[algo][0] for r in sel], marker="o", label=algo)
+        ax.set(title=f"allreduce of {size} float32 values (loopback)", xlabel="world size",
+               ylabel="median µs per allreduce", yscale="log")
+        ax.set_xticks(sorted({r["world"] for r in sel}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", default="2,3,4,8", help="world sizes (default %(default)s)")
+    p.add_argument("--sizes", default="2048,8192", help="float32 values per allreduce (default %(default)s)")
+    p.add_argument("--algos", default=",".join(ALGOS), help="collectives (default %(default)s)")
+    p.add_argument("--iters", type=int, default=200, help="timed allreduces per cell and round")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="world sizes 2,3; 50 iterations; 1 round")
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.worlds, args.iters, args.warmup, args.rounds = "2,3", 50, 5, 1
+    args.worlds = [int(w) for w in args.worlds.split(",")]
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.algos = [a for a in args.algos.split(",") if a]
+    unknown = set(args.algos) - set(ALGOS)
+    if unknown or min(args.worlds) < 2:
+        p.error(f"unknown collectives {sorted(unknown)} or a world size below 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    spec = {"sizes": args.sizes, "algos": args.algos, "iters": args.iters, "warmup": args.warmup,
+            "rounds": args.rounds}
+    results = {}
+    for world in args.worlds:
+        t0 = time.monotonic()
+        results[world] = bench_world(world, spec)
+        print(f"world size {world}: {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    rows = summarize(results, args)
+    text = table(rows, args, {w: r["link"] for w, r in results.items()})
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comm.md").write_text(text + "\n")
+    if plot(rows, args, args.out / "comm.png"):
+        print(f"wrote {args.out / 'comm.md'} and {args.out / 'comm.png'}")
+
+
+if __name__ == "__main__":
+    main()
