@@ -24,6 +24,7 @@ _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
 _RATE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)\s*", re.IGNORECASE)
 _HOST = re.compile(r"[A-Za-z0-9_.:\-\[\]]+")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 def _size(value: str | int | None, name: str) -> str | int | None:
@@ -83,6 +84,14 @@ class Node(_Strict):
     ratio: float = Field(1.0, ge=0)  # share of heads and FFN columns, relative to the others
     threads: int = Field(1, ge=1, le=256)
     tpi: str = "tpi"  # how to run tpi on that machine, e.g. ~/venv/bin/tpi
+    public_key: str | None = None  # its CURVE public key, as `tpi keys` prints it
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and not _Z85_KEY.fullmatch(v):
+            raise ValueError(f"public_key={v!r}: expected the 40-character key that `tpi keys` prints")
+        return v
 
     @field_validator("host")
     @classmethod
@@ -120,6 +129,13 @@ class WorkerSpec(Node):
     cache_dir: str | None = None  # where the worker keeps fetched shards (default ~/.cache/tpi)
 
 
+class Security(_Strict):
+    """CURVE between master and workers: on (None) whenever a host is not loopback."""
+
+    curve: bool | None = None  # False: plain TCP, only when asked for (a warning says so)
+    keys_dir: str = "~/.config/tpi/keys"  # on each machine: <keys_dir>/<node name>.key from `tpi keys`
+
+
 class ClusterConfig(_Strict):
     """One cluster: rank 0 is the master, workers are ranks 1..N-1."""
 
@@ -133,6 +149,7 @@ class ClusterConfig(_Strict):
     link: Link | None = None  # emulated link (tpi emulate, docker-compose); ignored by tpi launch
     master: MasterSpec = MasterSpec()
     workers: list[WorkerSpec] = []
+    security: Security = Security()
 
     @model_validator(mode="after")
     def _ranks(self) -> ClusterConfig:
@@ -141,7 +158,30 @@ class ClusterConfig(_Strict):
             raise ValueError(f"workers: ranks {ranks} must be 1..{len(self.workers)}, each once")
         if sum(n.ratio for n in self.nodes) <= 0:
             raise ValueError("ratio: at least one node needs a positive ratio")
+        if self.curve:
+            missing = [name for name, n in zip(self.node_names, self.nodes) if n.public_key is None]
+            if missing:
+                raise ValueError(
+                    f"security: links are encrypted (CURVE) because a host is not loopback, but "
+                    f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no public_key: run "
+                    f"`tpi keys --name NAME` on each machine and paste the key it prints, or set "
+                    f"security.curve: false for plain TCP")
         return self
+
+    @property
+    def curve(self) -> bool:
+        """Whether links are encrypted: as configured, else whenever a host is not loopback."""
+        if self.security.curve is not None:
+            return self.security.curve
+        return any(n.host not in LOCAL_HOSTS for n in self.nodes)
+
+    @property
+    def node_names(self) -> list[str]:
+        """Rank order: master, worker1, worker2, ... (also the key file names)."""
+        return ["master", *(f"worker{w.rank}" for w in sorted(self.workers, key=lambda w: w.rank))]
+
+    def key_file(self, rank: int) -> str:
+        return f"{self.security.keys_dir.rstrip('/')}/{self.node_names[rank]}.key"
 
     @property
     def world_size(self) -> int:

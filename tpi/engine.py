@@ -126,7 +126,7 @@ class Engine:
         if failed:
             self.model.sched.reset()
         try:
-            self.comm.broadcast(Message(Kind.CANCEL if failed else Kind.FREE, seq))
+            self.comm.broadcast(Message(Kind.CANCEL if failed else Kind.FREE, seq), check=not failed)
         except Exception:
             if not failed:
                 raise

@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from tpi.comm.base import CommError
+from tpi.comm.security import Curve, secure_client
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, WireError, decode, encode
 from tpi.weights import Manifest
 
@@ -97,11 +98,13 @@ class _Client:
 
     protocol = PROTOCOL_VERSION
 
-    def __init__(self, master: str, rank: int, timeout: float):
+    def __init__(self, master: str, rank: int, timeout: float, curve: Curve | None = None):
         self.master, self.rank, self.timeout = master, rank, timeout
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            secure_client(self.sock, curve)
         self.sock.setsockopt(zmq.IDENTITY, b"fetch%d-%d" % (rank, os.getpid()))
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MANIFEST_BYTES + 4096)
         self.sock.connect(master)
@@ -141,12 +144,12 @@ class _Client:
 
 
 def fetch_shards(master: str, rank: int, cache_dir: str | os.PathLike, join_timeout: float = 300.0,
-                 step_timeout: float = 60.0, progress: bool = False) -> FetchReport:
+                 step_timeout: float = 60.0, progress: bool = False, curve: Curve | None = None) -> FetchReport:
     """Make `cache_dir` hold this rank's shard files as the master's manifest lists them."""
     t0 = time.monotonic()
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
-    client = _Client(master, rank, step_timeout)
+    client = _Client(master, rank, step_timeout, curve)
     try:
         with open(out / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one worker per cache folder at a time

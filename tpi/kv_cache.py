@@ -56,3 +56,7 @@ class KVCache:
         slot = self._slot.pop(seq, None)
         if slot is not None:
             self._free.append(slot)
+
+    def free_all(self) -> None:
+        for seq in list(self._slot):
+            self.free(seq)

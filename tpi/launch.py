@@ -31,6 +31,7 @@ class NodeCommand:
     host: str
     ssh: str | None  # ssh destination; None: run on this machine
     argv: tuple[str, ...]  # the command line to run on that machine
+    prefix: tuple[str, ...] = ()  # run it here through this, e.g. ip netns exec NS (tpi emulate)
 
     @property
     def label(self) -> str:
@@ -61,11 +62,21 @@ def node_commands(cfg: ClusterConfig) -> list[NodeCommand]:
     master += ["--world-size", str(cfg.world_size), "--ratios", ",".join(f"{r:g}" for r in cfg.ratios),
                "--dtype", cfg.dtype, "--wait-for-workers", "--bind", f"tcp://{m.bind}:{m.port}",
                "--host", m.http_host, "--port", str(m.http_port), *_node_flags(cfg, m)]
+    if cfg.curve:
+        master += ["--curve-key", cfg.key_file(0)]
+        for w in cfg.nodes[1:]:
+            master += ["--allow-key", w.public_key]
+    elif not all(n.local for n in cfg.nodes):
+        master.append("--insecure")
     out = [NodeCommand(0, m.host, None, tuple(master))]  # the master runs where tpi launch runs
     for w in sorted(cfg.workers, key=lambda w: w.rank):
         argv = [w.tpi, "worker", "--master", cfg.master_address, "--rank", str(w.rank), *_node_flags(cfg, w)]
         if w.cache_dir:
             argv += ["--cache-dir", w.cache_dir]
+        if cfg.curve:
+            argv += ["--curve-key", cfg.key_file(w.rank), "--master-key", m.public_key]
+        elif not all(n.local for n in cfg.nodes):
+            argv.append("--insecure")
         out.append(NodeCommand(w.rank, w.host, _ssh(w), tuple(argv)))
     return out
 
@@ -106,7 +117,7 @@ class Launcher:
         remote process's life to this pipe (ssh closes the remote stdin when the connection ends)."""
         cmd = [c.argv[0], "--exit-with-stdin", *c.argv[1:]]
         if c.ssh is None:
-            return cmd
+            return [*c.prefix, *cmd]
         return ["ssh", *SSH_OPTIONS, c.ssh, "--", shlex.join(cmd)]
 
     def start(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpi.cluster import RankProcesses
+from tpi.comm.security import Curve
 from tpi.forward import MemoryOptions
 from tpi.master import MasterNode, MasterOptions
 from tpi.serving import EngineThread
@@ -45,6 +46,8 @@ class ServeOptions:
     step_timeout: float = 60.0
     join_timeout: float = 300.0
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    lost_timeout: float = 3.0
+    curve: Curve | None = None  # with wait_for_workers: CURVE keys for the workers' links
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -65,7 +68,8 @@ def serve(opts: ServeOptions) -> None:
     shard_dir = opts.shards or str(split_cached(opts.model, opts.world_size, opts.ratios, opts.dtype))
     bind = opts.bind if opts.wait_for_workers else "tcp://127.0.0.1:0"
     node = MasterNode(MasterOptions(shard_dir, bind, opts.threads, opts.max_context, opts.step_timeout,
-                                    opts.join_timeout, memory=opts.memory))
+                                    opts.join_timeout, memory=opts.memory, lost_timeout=opts.lost_timeout,
+                                    curve=opts.curve if opts.wait_for_workers else None))
     world = node.manifest.plan.world_size
     ranks = RankProcesses()
     engine_thread = None
@@ -74,7 +78,7 @@ def serve(opts: ServeOptions) -> None:
             for rank in range(1, world):
                 wopts = WorkerOptions(node.address, rank, shard_dir, opts.threads, opts.max_context,
                                       opts.step_timeout, opts.join_timeout, parent_pid=os.getpid(),
-                                      memory=opts.memory)
+                                      memory=opts.memory, lost_timeout=opts.lost_timeout)
                 ranks.spawn_worker(wopts)
         elif world > 1:
             print(f"waiting for {world - 1} worker(s) at {node.address}; start each with\n"

@@ -204,11 +204,13 @@ def create_app(engine_thread: EngineThread, model_name: str, api_key: str | None
     @app.get("/health")
     async def health() -> JSONResponse:
         comm = engine.comm
-        lost, hosts = getattr(comm, "lost", {}), getattr(comm, "hosts", {})
-        workers = [{"rank": r, "connected": r not in lost, "host": hosts.get(r)} for r in range(1, world_size)]
-        ok = not lost
+        lost, hosts = dict(getattr(comm, "lost", {})), getattr(comm, "hosts", {})
+        missing = list(getattr(comm, "missing", sorted(lost)))
+        workers = [{"rank": r, "connected": r not in missing, "host": hosts.get(r),
+                    **({"reason": lost.get(r, "not joined")} if r in missing else {})} for r in range(1, world_size)]
+        ok = not missing
         body = {"status": "ok" if ok else "degraded", "ready": ok, "world_size": world_size, "workers": workers,
-                "missing_ranks": sorted(lost), "queue": {"waiting": engine_thread.waiting,
+                "missing_ranks": missing, "queue": {"waiting": engine_thread.waiting,
                                                          "running": int(engine_thread.running is not None)}}
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -120,10 +120,24 @@ class EngineThread:
                     return
                 if not self._jobs:
                     self._cv.wait(0.05)  # also wakes for calls, which do not notify
-                    continue
-                job = self._jobs.popleft()
-                self.running = job
+                    idle = True
+                else:
+                    idle = False
+                    job = self._jobs.popleft()
+                    self.running = job
+            if idle:
+                self._poll_idle()
+                continue
             self._generate(job)
+
+    def _poll_idle(self) -> None:
+        """No request: the master's socket still needs a listener (joins, rejoins, lost workers)."""
+        poll = getattr(self.engine.comm, "poll_idle", None)
+        if poll is not None:
+            try:
+                poll(0.0)
+            except Exception as e:  # never let the listener end the engine thread
+                log.warning("while idle: %s", e)
 
     def _service_calls(self) -> None:
         while True:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpi.comm.base import CommError, Shutdown, StepAborted
+from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted
+from tpi.comm.security import Curve
 from tpi.comm.wire import Kind
 from tpi.comm.zmq_star import StarWorker
 from tpi.fetch import fetch_shards
@@ -39,6 +40,9 @@ class WorkerOptions:
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     cache_dir: str | None = None  # where fetched shards are kept (default: <tpi cache>/fetched/rank<R>)
     progress: bool = False  # a progress bar while fetching
+    lost_timeout: float = 3.0  # heartbeats: the master silent this long counts as gone
+    rejoin_timeout: float | None = None  # after losing the master, try to rejoin this long (None: forever)
+    curve: Curve | None = None  # CURVE keys: our pair and the master's public key
 
 
 def serve(opts: WorkerOptions) -> None:
@@ -47,7 +51,7 @@ def serve(opts: WorkerOptions) -> None:
     shard_dir, fetched = opts.shard_dir, None
     if shard_dir is None:
         fetched = fetch_shards(opts.master, opts.rank, opts.cache_dir or cache_root() / "fetched" / f"rank{opts.rank}",
-                               opts.join_timeout, opts.step_timeout, opts.progress)
+                               opts.join_timeout, opts.step_timeout, opts.progress, opts.curve)
         shard_dir = str(fetched.shard_dir)
     manifest = Manifest.load(shard_dir)
     if not 1 <= opts.rank < manifest.plan.world_size:
@@ -58,27 +62,46 @@ def serve(opts: WorkerOptions) -> None:
         model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
     comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
-                      manifest.dtype, cfg.num_layers, opts.step_timeout)
+                      manifest.dtype, cfg.num_layers, opts.step_timeout, opts.lost_timeout, opts.curve)
     stop = _watch_parent(opts.parent_pid)
+    leaving = "stopped"
     try:
         comm.join(opts.join_timeout)
         log.info("rank %d joined %s", opts.rank, opts.master)
         while not stop.is_set():
             try:
-                msg = comm.receive(timeout=1.0)
+                _serve_one(model, comm)
             except Shutdown:
+                leaving = ""
                 return
-            except CommError:
-                continue  # idle: nothing to do, check the parent and wait again
-            if msg.kind == Kind.STEP:
-                _step(model, comm, msg)
-            elif msg.kind in (Kind.FREE, Kind.CANCEL):
-                model.cache.free(msg.seq)
-            elif msg.kind == Kind.STATS:
-                comm.send_stats(model.stats(comm))
+            except MasterLost as e:  # the master died or hung: forget its sequences, wait for it to return
+                log.warning("%s; trying to rejoin", e)
+                model.reset()
+                comm.join(opts.rejoin_timeout)
+                log.warning("rank %d rejoined %s", opts.rank, opts.master)
+    except BaseException as e:  # SIGTERM (SystemExit), Ctrl-C, a fatal error: say so before leaving
+        leaving = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else "stopped (SIGTERM)"
+        raise
     finally:
+        if leaving:
+            comm.send_bye(leaving)
         comm.close()
         model.close()
+
+
+def _serve_one(model: RankModel, comm: StarWorker) -> None:
+    try:
+        msg = comm.receive(timeout=1.0)
+    except (Shutdown, MasterLost):
+        raise
+    except CommError:
+        return  # idle: nothing to do, check the parent and wait again
+    if msg.kind == Kind.STEP:
+        _step(model, comm, msg)
+    elif msg.kind in (Kind.FREE, Kind.CANCEL):
+        model.cache.free(msg.seq)
+    elif msg.kind == Kind.STATS:
+        comm.send_stats(model.stats(comm))
 
 
 def _step(model: RankModel, comm: StarWorker, msg) -> None:

@@ -29,6 +29,10 @@ class StepAborted(CommError):
     """The master cancelled the step in flight (worker side)."""
 
 
+class MasterLost(CommError):
+    """The connection to the master broke (worker side): it died, hung, or the network went."""
+
+
 class Shutdown(CommError):
     """The master asked this worker to exit (worker side)."""
 
@@ -43,8 +47,9 @@ class Communicator(Protocol):
         """Sum of every rank's `partial` for the collective `tag`; every rank gets the same bytes."""
         ...
 
-    def broadcast(self, msg: Message) -> None:
-        """Master: send a control message (a step's hidden state, free, cancel) to every worker."""
+    def broadcast(self, msg: Message, check: bool = True) -> None:
+        """Master: send a control message (a step's hidden state, free, cancel) to every worker;
+        `check=False` sends to the workers still there without raising for a lost one."""
         ...
 
     def receive(self, timeout: float | None = None) -> Message:
@@ -64,7 +69,7 @@ class SingleRank:
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         return partial
 
-    def broadcast(self, msg: Message) -> None:
+    def broadcast(self, msg: Message, check: bool = True) -> None:
         pass
 
     def receive(self, timeout: float | None = None) -> Message:

@@ -41,6 +41,7 @@ class Kind(IntEnum):
     MANIFEST = 15  # master -> worker: digest, size + the manifest file's bytes
     GET_CHUNK = 16  # worker -> master: file, offset, size (a byte range of one of its shard files)
     CHUNK = 17  # master -> worker: file, offset + the bytes
+    BYE = 18  # worker -> master: leaving (SIGTERM, Ctrl-C), with the reason
 
 
 class Phase(IntEnum):
