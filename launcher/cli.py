@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a cluster config, e.g. cluster_configs/home-4.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the command for each machine and exit")
 
+    p = sub.add_parser("emulate", help="run a cluster config on this machine in network namespaces with "
+                       "its link's delay and rate (root and iproute2)")
+    p.add_argument("config", help="a cluster config, e.g. cluster_configs/compose-4.yaml")
+    p.add_argument("--subnet", help="the emulated network (default: the first free 10.77.N.0/24)")
+    p.add_argument("--delay-mode", default="auto", choices=["auto", "netem", "proxy"],
+                   help="netem where the kernel has it (auto), or tpi's own delay proxy")
+
     p = sub.add_parser("master", help="run rank 0: wait for the workers, then answer prompts")
     p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
     p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="where workers connect (default %(default)s)")
@@ -180,6 +187,22 @@ def cmd_launch(args) -> None:
         raise SystemExit(code)
 
 
+def cmd_emulate(args) -> None:
+    from tpi.cluster_config import load_cluster_config
+    from tpi.emulate import EmulateError, Emulation
+
+    cfg = load_cluster_config(args.config)
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))  # a closed terminal cleans up too
+    try:
+        with Emulation(cfg, args.subnet, args.delay_mode) as emu:
+            print(emu.describe() + "; Ctrl-C stops it", file=sys.stderr, flush=True)
+            code = emu.wait()
+    except EmulateError as e:
+        raise SystemExit(f"tpi emulate: {e}") from None
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_master(args) -> None:
     from tpi.master import MasterNode, MasterOptions
     from tpi.sampling import SamplingParams
@@ -269,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run,
-                "serve": cmd_serve, "chat": cmd_chat, "launch": cmd_launch}
+                "serve": cmd_serve, "chat": cmd_chat, "launch": cmd_launch,
+                "emulate": cmd_emulate}
     if args.exit_with_stdin:
         _exit_with_stdin()
     from tpi.chat import ChatError
