@@ -209,15 +209,20 @@ def table(rows: list[Row], args: argparse.Namespace, delay_with: str) -> str:
         f"medians of {args.rounds} rounds; delay applied by {delay_with}.",
         f"floor = 2 x {r0.layers} layers x (2 x delay + {r0.bytes_per_allreduce} B x 8 / rate) "
         f"({r0.bytes_per_allreduce} B: a {r0.hidden * 4} B partial up and the {r0.hidden * 4} B sum back); "
-        "probe: round trip of 2304 B each way between two namespaces.",
+        "probe: round trip of 2304 B each way between two namespaces; "
+        "added by the delay: ms/token minus that of the same rate at delay 0, beside the floor's delay part "
+        f"2 x {r0.layers} x 2 x delay.",
         "",
-        "| rate | one-way delay ms | probe RTT ms | allreduce ms/call | ms/token | floor ms/token | measured/floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| rate | one-way delay ms | probe RTT ms | allreduce ms/call | ms/token | floor ms/token | measured/floor "
+        "| added by the delay ms/token | floor's delay part |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    base = {r.rate: med(r.ms_per_token) for r in rows if r.delay_ms == 0}
     for r in rows:
         ms = med(r.ms_per_token)
+        added = f"{ms - base[r.rate]:.1f}" if r.delay_ms > 0 and r.rate in base else "-"
         lines.append(f"| {r.rate} | {r.delay_ms:g} | {med(r.probe_ms):.2f} | {med(r.allreduce_ms):.2f} | {ms:.1f} | "
-                     f"{r.floor_ms:.1f} | {ms / r.floor_ms:.2f} |")
+                     f"{r.floor_ms:.1f} | {ms / r.floor_ms:.2f} | {added} | {4 * r.layers * r.delay_ms:.0f} |")
     return "\n".join(lines) + "\n"
 
 
