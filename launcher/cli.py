@@ -46,6 +46,8 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
     p.add_argument("--split-ratio", type=float, help="share of each host block's output rows computed on the GPU "
                    "(default: measured at start from CPU and copy bandwidth)")
+    p.add_argument("--no-verify", dest="verify_shards", action="store_false", help="skip the sha256 check of "
+                   "each rank's shard files at start (sizes and headers are still checked): for very large models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +131,7 @@ def _memory(args):
 
     parse_bytes(args.memory_budget)
     return MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all, args.device,
-                         args.gpu_memory_budget, args.split_ratio)
+                         args.gpu_memory_budget, args.split_ratio, verify_shards=args.verify_shards)
 
 
 def print_stats(records: list[dict], tokens: int) -> None:
@@ -252,7 +254,7 @@ def cmd_run(args) -> None:
                       start_timeout=args.join_timeout, progress=True, window=mem.window,
                       memory_budget=mem.memory_budget, drop_page_cache=mem.drop_page_cache,
                       stream_all=mem.stream_all, device=mem.device, gpu_memory_budget=mem.gpu_memory_budget,
-                      split_ratio=mem.split_ratio) as cluster:
+                      split_ratio=mem.split_ratio, verify_shards=mem.verify_shards) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}
         for event, _ in cluster.stream(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -1,7 +1,8 @@
 """Checkpoint reading and splitting on tiny models: the manifest describes the files, each rank's
 block holds exactly its slice of the original tensors, sharded and single-file checkpoints split
 identically, pickles and unsupported models are refused, config parsing agrees across the forms
-HF writes, and damaged files raise errors that name them."""
+HF writes, damaged or lying files raise errors that name them, and each rank checks its files
+(sizes, sha256, headers) when it starts."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from tpi.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeConfig
+from tpi.forward import MemoryOptions, RankModel
 from tpi.partition import make_plan
 from tpi.safetensors_io import ShardFileError, read_header
-from tpi.weights import Manifest, block_file, load_block, split
+from tpi.scheduler import read_block
+from tpi.weights import Manifest, block_file, block_spec, load_block, split, verify_rank_files
 
 WORLD = 3
 
@@ -352,7 +355,132 @@ def test_load_block_checks_size(split3, tmp_path, damage: str) -> None:
     load_block(out, manifest, 1, 1, "ffn")  # the others still load
 
 
-# --- (h) bfloat16 --------------------------------------------------------------------------------
+@pytest.mark.parametrize("meta", [
+    {"dtype": "F32", "shape": [2], "data_offsets": [0, 1e400]},  # JSON's infinity
+    {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]},
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [0, 8 << 40]},  # far past the end
+], ids=["inf", "float-shape", "bool-shape", "negative", "three-offsets", "list-dtype", "past-the-end"])
+def test_read_header_refuses_lying_entries(tmp_path, meta: dict) -> None:
+    path = tmp_path / "lying.safetensors"
+    write_raw_safetensors(path, json.dumps({"a": meta}).encode().replace(b"Infinity", b"1e400"))
+    with pytest.raises(ShardFileError, match=r"lying\.safetensors: tensor a"):
+        read_header(str(path))
+
+
+def test_read_header_refuses_deep_nesting(tmp_path) -> None:
+    path = tmp_path / "deep.safetensors"
+    write_raw_safetensors(path, b"[" * 100_000)
+    with pytest.raises(ShardFileError, match="deep.safetensors: header is not valid JSON"):
+        read_header(str(path))
+
+
+# --- (h) shard files checked at start ------------------------------------------------------------
+
+@pytest.fixture
+def damaged(split3, tmp_path) -> Path:
+    """A private copy of the 3-rank split, to damage."""
+    out = tmp_path / "copy"
+    shutil.copytree(split3[0], out)
+    return out
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def rewrite_header(out: Path, rel: str, edit) -> None:
+    """Rewrite a block file's header through `edit(header)`, keeping its data, and update the
+    manifest so that its size and sha256 agree: a file that lies in its header only."""
+    path = out / rel
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_finds_a_flipped_byte_by_sha256(damaged) -> None:
+    rel = block_file(2, 1, "ffn")
+    flip_byte(damaged / rel, (damaged / rel).stat().st_size - 3)  # in the data: the header still parses
+    manifest = Manifest.load(damaged)
+    with pytest.raises(ShardFileError, match=rf"rank 2: .*{rel}: sha256 .* does not match the manifest"):
+        verify_rank_files(damaged, manifest, 2)
+    verify_rank_files(damaged, manifest, 2, checksums=False)  # the same size: only the checksum sees it
+    for rank in (0, 1):
+        verify_rank_files(damaged, manifest, rank)  # the other ranks' files are fine
+
+
+@pytest.mark.parametrize("damage", ["cut", "delete"])
+def test_verify_checks_sizes_even_without_checksums(damaged, damage: str) -> None:
+    rel = block_file(1, 0, "attn")
+    size = (damaged / rel).stat().st_size
+    if damage == "cut":
+        os.truncate(damaged / rel, size - 100)
+    else:
+        (damaged / rel).unlink()
+    with pytest.raises(ShardFileError, match=rf"rank 1: .*{rel}: size \S+, manifest says {size} bytes"):
+        verify_rank_files(damaged, Manifest.load(damaged), 1, checksums=False)
+
+
+def rank_model(out: Path, rank: int, verify: bool = True) -> RankModel:
+    return RankModel(out, Manifest.load(out), rank, memory=MemoryOptions(verify_shards=verify))
+
+
+def test_rank_refuses_a_flipped_byte_at_start_unless_told_not_to_verify(damaged) -> None:
+    rel = block_file(0, None, "head")
+    flip_byte(damaged / rel, (damaged / rel).stat().st_size - 1)
+    with pytest.raises(ShardFileError, match=rf"rank 0: .*{rel}: sha256"):
+        rank_model(damaged, 0)
+    rank_model(damaged, 0, verify=False).close()  # --no-verify: starts, and trusts the bytes
+
+
+def test_rank_refuses_a_header_with_ranges_past_the_end(damaged) -> None:
+    rel = block_file(1, 1, "ffn")
+
+    def grow(header: dict) -> None:  # the last tensor claims 4x its rows, consistently, past the end
+        name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+        meta = header[name]
+        begin, end = meta["data_offsets"]
+        meta["shape"][0] *= 4
+        meta["data_offsets"] = [begin, begin + 4 * (end - begin)]
+
+    rewrite_header(damaged, rel, grow)
+    with pytest.raises(ShardFileError, match=rf"{rel}: tensor .* do not match .* the file size"):
+        rank_model(damaged, 1)  # the manifest agrees with the file: the header itself is checked
+
+
+def test_rank_refuses_a_header_with_shapes_the_config_does_not_have(damaged) -> None:
+    rel = block_file(1, 0, "attn")
+
+    def transpose(header: dict) -> None:  # same bytes, same offsets: q_proj [16, 64] read as [64, 16]
+        header["q_proj.weight"]["shape"] = header["q_proj.weight"]["shape"][::-1]
+
+    rewrite_header(damaged, rel, transpose)
+    with pytest.raises(ShardFileError, match=rf"{rel}: tensor q_proj.weight is F32 \[64, 16\]; .* need F32 "
+                                             r"\[16, 64\]"):
+        rank_model(damaged, 1)
+
+
+def test_a_file_cut_after_start_is_named_when_read(damaged) -> None:
+    manifest = Manifest.load(damaged)
+    spec = block_spec(damaged, manifest, 2, 0, "ffn")
+    os.truncate(spec.path, os.path.getsize(spec.path) - 8)
+    with pytest.raises(ShardFileError, match=rf"{spec.path}: tensor \S+: unexpected end of file"):
+        read_block(spec)
+
+
+# --- (i) bfloat16 --------------------------------------------------------------------------------
 
 def test_bfloat16_split_is_cast_of_float32(llama3, split3, tmp_path) -> None:
     manifest = split(llama3[0], tmp_path, WORLD, dtype="bfloat16", progress=False)

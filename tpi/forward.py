@@ -24,7 +24,7 @@ from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
-from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
+from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -54,6 +54,7 @@ class MemoryOptions:
     # share of each host block's output rows computed on the accelerator; None: measured with a GPU,
     # no split without one. With device "cpu" a ratio runs the split path with both parts on the CPU.
     split_ratio: float | None = None
+    verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
 
 
 def _device(name: str) -> torch.device:
@@ -88,6 +89,7 @@ class RankModel:
                  max_context: int | None = None, slots: int = 1, memory: MemoryOptions = MemoryOptions(),
                  threads: int = 1):
         self.cfg, self.manifest, self.rank = manifest.config, manifest, rank
+        verify_rank_files(shard_dir, manifest, rank, checksums=memory.verify_shards)  # before any read
         self.dtype = manifest.dtype
         self.max_context = max_context or default_max_context(manifest)
         runtime = psutil.Process().memory_info().rss
@@ -143,6 +145,7 @@ class RankModel:
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
             "split_ratio": self.split.ratio if self.split else 0.0,
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
+            "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
         }
 
     def _place_on_gpu(self, specs: list, memory: MemoryOptions, slots: int) -> dict[tuple, Weights]:

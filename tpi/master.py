@@ -74,7 +74,7 @@ class MasterNode:
 
 # -- the control channel -----------------------------------------------------------------------
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # msgpack keeps types: no "1" or True for 1
     op: Literal["generate"]
     ids: list[int] | None = None
     prompt: str | None = None
@@ -90,7 +90,7 @@ class GenerateRequest(BaseModel):
 
 
 class ForwardRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # msgpack keeps types: no "1" or True for 1
     op: Literal["forward"]
     ids: list[int]
 
@@ -123,7 +123,7 @@ def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
     elif op == "ready":
         reply({"event": "ready"})
     else:
-        reply({"event": "error", "type": "ValueError", "message": f"unknown op {op!r}"})
+        raise ValueError(f"unknown op {str(op)[:80]!r}")
 
 
 def master_process(opts: MasterOptions, ports, published: threading.Event, error_path: str) -> None:
@@ -159,6 +159,12 @@ def report_errors(path: str) -> Iterator[None]:
         raise
 
 
+def _refuse(sock: zmq.Socket, ident: bytes, why: str) -> None:
+    """Answer a control message that is not a request at all (the sender learns why), and log it."""
+    log.warning("refused a control message: %s", why)
+    sock.send_multipart([ident, pack({"event": "error", "type": "ValueError", "message": why, "rid": None})])
+
+
 def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) -> None:
     engine = None
     while True:
@@ -167,13 +173,15 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
         if not sock.poll(500):
             continue
         frames = sock.recv_multipart()
-        if len(frames) != 2:
-            continue
         ident, req = frames[0], None
+        if len(frames) != 2:
+            _refuse(sock, ident, f"a control request is 1 frame, got {len(frames) - 1}")
+            continue
         try:
             req = msgpack.unpackb(frames[1], raw=False)
-        except Exception:
-            log.warning("refused a control message that is not msgpack")
+        except Exception as e:  # msgpack raises several types for garbage
+            _refuse(sock, ident, f"a control request is one msgpack map; got {len(frames[1])} bytes that are not "
+                                 f"msgpack ({type(e).__name__})")
             continue
         rid = req.pop("rid", None) if isinstance(req, dict) else None
 
@@ -192,7 +200,9 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            reply({"event": "error", "type": "ValueError", "message": f"{loc}: {err['msg']}"})
+            message = f"{loc}={str(err.get('input'))[:80]!r}: {err['msg']}"
+            log.warning("refused a control request: %s", message)
+            reply({"event": "error", "type": "ValueError", "message": message})
         except Exception as e:  # reported to the owner, who raises it; the master stays up
             log.warning("request failed: %s", e)
             reply({"event": "error", "type": type(e).__name__, "message": str(e)})

@@ -54,8 +54,8 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             raise ShardFileError(f"{path}: header length {hlen} does not fit the file size {size}")
         try:
             header = json.loads(f.read(hlen))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ShardFileError(f"{path}: header is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise ShardFileError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise ShardFileError(f"{path}: header is not a JSON object")
     base = 8 + hlen
@@ -63,23 +63,35 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES.get(meta["dtype"])
-            begin, end = (int(v) for v in meta["data_offsets"])
-            shape = tuple(int(s) for s in meta["shape"])
-        except (TypeError, KeyError, ValueError):
-            raise ShardFileError(f"{path}: tensor {name} has a malformed entry {str(meta)[:100]}") from None
-        if dtype is None:
-            raise ShardFileError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')!r}")
+        dtype, shape, (begin, end) = _entry(path, name, meta)
         numel = 1
         for s in shape:
             numel *= s
-        if (any(s < 0 for s in shape) or not 0 <= begin <= end or end - begin != numel * dtype.itemsize
-                or base + end > size):
+        if not 0 <= begin <= end or end - begin != numel * dtype.itemsize or base + end > size:
             raise ShardFileError(f"{path}: tensor {name} has offsets {begin}..{end} that do not match "
-                                 f"shape {shape} or the file size {size}")
+                                 f"shape {shape} of {NAMES[dtype]} or the file size {size}")
         out[name] = TensorInfo(dtype, shape, base + begin, end - begin)
     return out
+
+
+def _entry(path: str, name: str, meta) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """One header entry's dtype, shape and offsets; plain non-negative integers only."""
+    def ints(key: str) -> tuple[int, ...]:
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+            raise ShardFileError(f"{path}: tensor {name} has {key}={str(value)[:100]}; expected a list of "
+                                 "non-negative integers")
+        return tuple(value)
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str):
+        raise ShardFileError(f"{path}: tensor {name} has a malformed entry {str(meta)[:100]}")
+    dtype = DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise ShardFileError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']!r}")
+    shape, offsets = ints("shape"), ints("data_offsets")
+    if len(offsets) != 2:
+        raise ShardFileError(f"{path}: tensor {name} has data_offsets={list(offsets)}; expected [begin, end]")
+    return dtype, shape, (offsets[0], offsets[1])
 
 
 def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.config import ConfigError
-from tpi.safetensors_io import pread_into
+from tpi.safetensors_io import ShardFileError, pread_into
 
 ALIGN = 64  # each tensor starts on a 64-byte boundary, as torch's own allocations do
 
@@ -71,9 +71,13 @@ def _fresh(block: BlockSpec, pin_memory: bool = False) -> dict[str, torch.Tensor
 
 
 def _fill(fd: int, block: BlockSpec, out: dict[str, torch.Tensor]) -> None:
-    """pread each tensor's byte range into its place in `out`."""
+    """pread each tensor's byte range into its place in `out`; a file cut short since its header
+    was checked is named in the error."""
     for t in block.tensors:
-        pread_into(fd, out[t.name], t.offset)
+        try:
+            pread_into(fd, out[t.name], t.offset)
+        except ShardFileError as e:
+            raise ShardFileError(f"{block.path}: tensor {t.name}: {e}; the file ends before its header says") from None
 
 
 def read_block(block: BlockSpec) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Owns: finding a checkpoint's tensors (single ``model.safetensors`` or an index of shards), refusing
 pickled checkpoints, writing one safetensors file per (rank, layer, block) plus the master's head
-file and a ``manifest.json`` (config, plan, each file's size and sha256), the split cache, and
+file and a ``manifest.json`` (config, plan, each file's size and sha256), the split cache,
+checking one rank's files at start (sizes, sha256, headers against the config and plan), and
 reading one rank's block back. Never holds a whole tensor of the source: rows are read by byte range
 in bounded chunks and written as they go. Does not know: the network, generation, transformers.
 """
@@ -23,7 +24,7 @@ import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan, make_plan
-from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows
+from tpi.safetensors_io import NAMES, ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows
 from tpi.scheduler import BlockSpec, TensorRange, read_block
 
 SPLIT_FORMAT = 1
@@ -152,8 +153,8 @@ def rank_blocks(cfg: ModelConfig, plan: ShardPlan, rank: int) -> list[tuple[int 
     return blocks
 
 
-def _slice_shape(info: TensorInfo, sl: Slice) -> tuple[int, ...]:
-    shape = list(info.shape)
+def _slice_shape(full: tuple[int, ...], sl: Slice) -> tuple[int, ...]:
+    shape = list(full)
     if sl.rows:
         shape[0] = sl.rows[1] - sl.rows[0]
     if sl.cols:
@@ -177,7 +178,7 @@ def _chunks(ckpt: Checkpoint, sl: Slice, dtype: torch.dtype) -> Iterator[torch.T
 
 
 def _write_block(ckpt: Checkpoint, out_dir: Path, rel: str, slices: dict[str, Slice], dtype: torch.dtype) -> dict:
-    specs = [(name, dtype, _slice_shape(ckpt.info(sl.source)[1], sl)) for name, sl in slices.items()]
+    specs = [(name, dtype, _slice_shape(ckpt.info(sl.source)[1].shape, sl)) for name, sl in slices.items()]
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = StreamingWriter(str(path), specs)
@@ -298,6 +299,31 @@ class Manifest:
         return {rel: f for rel, f in self.raw["files"].items() if rel.startswith(f"rank{rank}/")}
 
 
+def sha256_file(path: str | os.PathLike, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_rank_files(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, checksums: bool = True) -> None:
+    """Check rank `rank`'s files against the manifest, at start: every size first (a missing or cut
+    file is found without reading anything), then with `checksums` every sha256 (reads each file
+    once). The error names the rank and the file."""
+    files = manifest.rank_files(rank)
+    try:
+        paths = {rel: _checked_path(shard_dir, manifest, rel) for rel in sorted(files)}
+    except ShardFileError as e:
+        raise ShardFileError(f"rank {rank}: {e}") from None
+    for rel, path in paths.items() if checksums else ():
+        got, want = sha256_file(path), files[rel]["sha256"]
+        if got != want:
+            raise ShardFileError(f"rank {rank}: {path}: sha256 {got[:16]}... does not match the manifest's "
+                                 f"{want[:16]}...: the file is damaged; split again, or delete it so that "
+                                 "the worker fetches it again")
+
+
 def _checked_path(shard_dir: str | os.PathLike, manifest: Manifest, rel: str) -> Path:
     path = Path(shard_dir) / rel
     expected = manifest.raw["files"].get(rel)
@@ -309,11 +335,45 @@ def _checked_path(shard_dir: str | os.PathLike, manifest: Manifest, rel: str) ->
     return path
 
 
+def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor shapes as the config says, by name (the layer prefix dropped)."""
+    d, hd, v, f = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    return {
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (d, q), "self_attn.o_proj.bias": (d,),
+        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+        "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,),
+        "model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d),
+    }
+
+
+def _checked_header(path: Path, manifest: Manifest, rank: int, layer: int | None,
+                    kind: BlockKind) -> dict[str, TensorInfo]:
+    """A block file's header, its tensors' names, dtypes and shapes checked against what the
+    manifest's config and plan say the block holds (a lying header is refused before any read)."""
+    header = read_header(str(path))
+    full, prefix, dtype = _full_shapes(manifest.config), f"model.layers.{layer}.", manifest.dtype
+    expected = {name: _slice_shape(full[sl.source.removeprefix(prefix)], sl)
+                for name, sl in _block_slices(manifest.config, manifest.plan, rank, layer, kind).items()}
+    if set(header) != set(expected):
+        raise ShardFileError(f"{path}: holds tensors {sorted(header)}; expected {sorted(expected)}")
+    for name, info in header.items():
+        if info.shape != expected[name] or info.dtype != dtype:
+            raise ShardFileError(f"{path}: tensor {name} is {NAMES[info.dtype]} {list(info.shape)}; the "
+                                 f"manifest's config and plan need {NAMES[dtype]} {list(expected[name])}")
+    return header
+
+
 def block_spec(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,
                kind: BlockKind) -> BlockSpec:
-    """Where one block's tensors lie in its file (checked against the manifest's size)."""
+    """Where one block's tensors lie in its file (its size checked against the manifest, its
+    header against the config and plan)."""
     path = _checked_path(shard_dir, manifest, block_file(rank, layer, kind))
-    header = read_header(str(path))
+    header = _checked_header(path, manifest, rank, layer, kind)
     return BlockSpec((layer, kind), str(path), tuple(
         TensorRange(name, info.dtype, info.shape, info.start, info.nbytes) for name, info in header.items()))
 
@@ -326,7 +386,7 @@ def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: in
     embedding table when tied), named "weight"; (spec, a, b) per chunk.
     """
     path = _checked_path(shard_dir, manifest, block_file(0, None, "head"))
-    header = read_header(str(path))
+    header = _checked_header(path, manifest, 0, None, "head")
     head = header.get("lm_head.weight", header["embed_tokens.weight"])
     rows = head.shape[0]
     step = max(1, min(rows, chunk_bytes // head.row_bytes))

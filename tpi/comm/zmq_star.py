@@ -66,6 +66,7 @@ class StarMaster:
         self.lost: dict[int, str] = {}
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
         self._stats: dict[int, dict] = {}
+        self.refused = 0  # messages refused and logged: malformed, from strangers, bad joins or shard requests
         self.allreduce_s, self.allreduce_calls = 0.0, 0
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
                                         Kind.GET_CHUNK}), hidden, dtype, max_layer=num_layers)
@@ -103,6 +104,7 @@ class StarMaster:
         elif rank in self.peers.values() and rank not in self.lost:
             reason = f"rank {rank} is already connected"
         if reason:
+            self.refused += 1
             log.warning("refused a worker: %s", reason)
             self._send(ident, Message(Kind.REFUSE, info={"reason": reason}), quiet=True)
             return
@@ -164,6 +166,7 @@ class StarMaster:
         try:
             msg = decode(body, self.expect)
         except WireError as e:
+            self.refused += 1
             log.warning("refused a message from %r: %s", ident[:32], e)
             return
         rank = self.peers.get(ident)
@@ -173,9 +176,11 @@ class StarMaster:
             reply = self.files.answer(msg) if self.files else Message(
                 Kind.REFUSE, info={"reason": "this master serves no shard files"})
             if reply.kind == Kind.REFUSE:
+                self.refused += 1
                 log.warning("refused a shard request from %r: %s", ident[:32], reply.info["reason"])
             self._send(ident, reply, quiet=True)
         elif rank is None:
+            self.refused += 1
             log.warning("refused a %s from an unknown peer %r", msg.kind.name, ident[:32])
         elif msg.kind == Kind.ERROR:
             raise CommError(f"rank {rank} ({self.hosts[rank]}) failed: {msg.info.get('message', '?')}")
