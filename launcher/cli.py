@@ -46,6 +46,14 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
     p.add_argument("--split-ratio", type=float, help="share of each host block's output rows computed on the GPU "
                    "(default: measured at start from CPU and copy bandwidth)")
+    p.add_argument("--lost-timeout", type=float, default=3.0,
+                   help="seconds of silence (heartbeats) after which a peer is declared lost (default 3)")
+    p.add_argument("--curve-key", help="this node's key file from `tpi keys`: encrypt and authenticate the links")
+    p.add_argument("--master-key", help="worker: the master's public key (with --curve-key)")
+    p.add_argument("--allow-key", action="append", default=[],
+                   help="master: a worker's public key allowed to join (repeatable, with --curve-key)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP between machines (anyone on the network can read and inject)")
     p.add_argument("--no-verify", dest="verify_shards", action="store_false", help="skip the sha256 check of "
                    "each rank's shard files at start (sizes and headers are still checked): for very large models")
 
@@ -71,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the master and keep them in --cache-dir)")
     p.add_argument("--cache-dir", help="where fetched shards are kept (default: ~/.cache/tpi/fetched/rank<R>)")
     _add_rank(p)
+
+    p = sub.add_parser("keys", help="make this node's CURVE key pair and print its public key")
+    p.add_argument("--name", default="node", help="the node's name in the cluster config: master, worker1, ...")
+    p.add_argument("--dir", default="~/.config/tpi/keys", help="where to write NAME.key (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
 
     p = sub.add_parser("launch", help="start a cluster config's master here and its workers over ssh")
     p.add_argument("config", help="a cluster config, e.g. cluster_configs/home-4.yaml")
@@ -134,6 +147,48 @@ def _memory(args):
                          args.gpu_memory_budget, args.split_ratio, verify_shards=args.verify_shards)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _curve(args, role: str, address: str):
+    """CURVE settings from --curve-key/--master-key/--allow-key; plain TCP to another machine only
+    with --insecure (and a warning)."""
+    from tpi.comm.security import Curve, KeyPair, check_public_key
+
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    if args.curve_key is None:
+        if host not in LOOPBACK:
+            if not args.insecure:
+                raise ValueError(f"{address} is not loopback: give --curve-key (see `tpi keys`) to encrypt the "
+                                 f"links, or --insecure for plain TCP")
+            print(f"warning: plain TCP on {address}: anyone on that network can read the hidden states and "
+                  f"inject messages", file=sys.stderr)
+        return None
+    keys = KeyPair.load(args.curve_key)
+    if role == "worker":
+        if not args.master_key:
+            raise ValueError("--curve-key needs --master-key: the master's public key")
+        return Curve(keys, master_public=check_public_key(args.master_key, "--master-key"))
+    if not args.allow_key:
+        raise ValueError("--curve-key needs at least one --allow-key: each worker's public key")
+    return Curve(keys, allowed=tuple(check_public_key(k, "--allow-key") for k in args.allow_key))
+
+
+def cmd_keys(args) -> None:
+    from pathlib import Path
+
+    from tpi.comm.security import KeyPair
+
+    path = Path(args.dir).expanduser() / f"{args.name}.key"
+    if path.exists() and not args.force:
+        raise ValueError(f"{path} exists; use --force to replace it (workers that know its public key must be "
+                         f"given the new one)")
+    keys = KeyPair.generate()
+    secret, public = keys.save(path)
+    print(f"wrote {secret} (secret, keep it on this machine) and {public}", file=sys.stderr)
+    print(f"public_key: {keys.public}")
+
+
 def print_stats(records: list[dict], tokens: int) -> None:
     """Per rank: peak RSS and, per generated token, compute, weight stall, allreduce and bytes read."""
     n = max(tokens, 1)
@@ -170,7 +225,8 @@ def cmd_worker(args) -> None:
 
     serve(WorkerOptions(args.master, args.rank, args.shards, args.threads, args.max_context,
                         args.step_timeout, args.join_timeout, memory=_memory(args), cache_dir=args.cache_dir,
-                        progress=sys.stderr.isatty()))
+                        progress=sys.stderr.isatty(), lost_timeout=args.lost_timeout,
+                        curve=_curve(args, "worker", args.master)))
 
 
 def cmd_launch(args) -> None:
@@ -210,7 +266,8 @@ def cmd_master(args) -> None:
     from tpi.sampling import SamplingParams
 
     node = MasterNode(MasterOptions(args.shards, args.bind, args.threads, args.max_context, args.step_timeout,
-                                    args.join_timeout, memory=_memory(args)))
+                                    args.join_timeout, memory=_memory(args), lost_timeout=args.lost_timeout,
+                                    curve=_curve(args, "master", args.bind)))
     try:
         print(f"rank 0 listening at {node.address}; waiting for {node.manifest.plan.world_size - 1} worker(s)",
               file=sys.stderr)
@@ -278,7 +335,9 @@ def cmd_serve(args) -> None:
         model = str(default_model_dir())
     serve(ServeOptions(model, args.shards, args.world_size, args.ratios, args.dtype, args.host, args.port,
                        args.wait_for_workers, args.bind, args.api_key, args.model_name, args.queue_size,
-                       args.threads, args.max_context, args.step_timeout, args.join_timeout, _memory(args)))
+                       args.threads, args.max_context, args.step_timeout, args.join_timeout, _memory(args),
+                       args.lost_timeout,
+                       _curve(args, "master", args.bind) if args.wait_for_workers else None))
 
 
 def cmd_chat(args) -> None:
@@ -294,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"split": cmd_split, "worker": cmd_worker, "master": cmd_master, "run": cmd_run,
-                "serve": cmd_serve, "chat": cmd_chat, "launch": cmd_launch,
+                "serve": cmd_serve, "chat": cmd_chat, "launch": cmd_launch, "keys": cmd_keys,
                 "emulate": cmd_emulate}
     if args.exit_with_stdin:
         _exit_with_stdin()
@@ -312,10 +371,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _exit_with_stdin() -> None:
     """SIGTERM ourselves (a clean unwind through sys.exit) when stdin reaches its end."""
-    def watch() -> None:
-        while sys.stdin.buffer.read1(4096):
+    def watch() -> None:  # a raw read: no buffered-stream lock left held at interpreter shutdown
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
+
+    fd = sys.stdin.fileno()
 
     threading.Thread(target=watch, daemon=True, name="tpi-stdin-watch").start()
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import zmq
 
+from tpi.comm.security import Curve, KeyPair
 from tpi.forward import MemoryOptions, parse_bytes
 from tpi.master import MasterOptions, master_process, report_errors
 from tpi.weights import split_cached
@@ -62,6 +63,16 @@ class RankProcesses:
         """A worker connecting to opts.master, or to the port the master publishes in `ports`."""
         self.spawn(opts.rank, _worker_entry, opts, ports, published)
 
+    def end(self, rank: int) -> None:
+        """Kill rank `rank`'s process if it still runs, and forget it and its error file."""
+        p = self.procs.pop(rank, None)
+        if p is not None and p.is_alive():
+            p.kill()
+        if p is not None:
+            p.join(10)
+        if os.path.exists(self.err_path(rank)):
+            os.remove(self.err_path(rank))
+
     def check(self, ranks=None) -> None:
         """Raise ClusterError naming the first of `ranks` (default all) that has exited, and why."""
         for rank in list(self.procs) if ranks is None else ranks:
@@ -94,10 +105,13 @@ class LocalCluster:
                  memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
                  stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
                  split_ratio: float | None = None, worker_cache_dir: str | os.PathLike | None = None,
-                 verify_shards: bool = True):
+                 lost_timeout: float = 3.0, curve: bool = False, verify_shards: bool = True):
         """`worker_cache_dir`: workers read no split folder but fetch their shards from the master
-        into <worker_cache_dir>/rank<R> (kept there for the next start), as on separate machines."""
-        self.worker_cache_dir = worker_cache_dir
+        into <worker_cache_dir>/rank<R> (kept there for the next start), as on separate machines.
+        `lost_timeout`: a rank silent this long (heartbeats) is declared lost. `curve`: encrypt and
+        authenticate the links between ranks with fresh CURVE keys."""
+        self.worker_cache_dir, self.lost_timeout = worker_cache_dir, lost_timeout
+        self._keys = [KeyPair.generate() for _ in range(world_size)] if curve else None
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
         self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
         self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
@@ -134,29 +148,77 @@ class LocalCluster:
         self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
                                       self.cache_dir, self.progress)
         self.ranks = RankProcesses()
-        ports, published = self.ranks.ctx.Array("i", 2), self.ranks.ctx.Event()
-        me = os.getpid()
-        mopts = MasterOptions(str(self.shard_dir), threads=self.threads, max_context=self.max_context,
-                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=me,
-                              memory=self.memory[0])
-        self.ranks.spawn(0, master_process, mopts, ports, published)
+        self._spawn_master("tcp://127.0.0.1:0")
         for rank in range(1, self.world_size):  # they start while the master loads: they wait for its port
-            fetch_dir = None if self.worker_cache_dir is None else os.path.join(self.worker_cache_dir, f"rank{rank}")
-            self.ranks.spawn_worker(WorkerOptions("", rank, None if fetch_dir else str(self.shard_dir), self.threads,
-                                                  self.max_context, self.step_timeout, self.start_timeout,
-                                                  parent_pid=me, memory=self.memory[rank], cache_dir=fetch_dir),
-                                    ports, published)
+            self.ranks.spawn_worker(self._worker_options(rank, ""), self._ports, self._published)
+        self._connect(watch_all=True)
+
+    def _curve(self, rank: int) -> Curve | None:
+        if self._keys is None:
+            return None
+        if rank == 0:
+            return Curve(self._keys[0], allowed=tuple(k.public for k in self._keys[1:]))
+        return Curve(self._keys[rank], master_public=self._keys[0].public)
+
+    def _worker_options(self, rank: int, master: str) -> WorkerOptions:
+        fetch_dir = None if self.worker_cache_dir is None else os.path.join(self.worker_cache_dir, f"rank{rank}")
+        return WorkerOptions(master, rank, None if fetch_dir else str(self.shard_dir), self.threads, self.max_context,
+                             self.step_timeout, self.start_timeout, parent_pid=os.getpid(), memory=self.memory[rank],
+                             cache_dir=fetch_dir, lost_timeout=self.lost_timeout, curve=self._curve(rank))
+
+    def _spawn_master(self, bind: str) -> None:
+        self._ports, self._published = self.ranks.ctx.Array("i", 2), self.ranks.ctx.Event()
+        mopts = MasterOptions(str(self.shard_dir), bind, threads=self.threads, max_context=self.max_context,
+                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=os.getpid(),
+                              memory=self.memory[0], lost_timeout=self.lost_timeout, curve=self._curve(0))
+        self.ranks.spawn(0, master_process, mopts, self._ports, self._published)
+
+    def _connect(self, watch_all: bool) -> None:
+        """Wait for the master to publish its ports, connect the control channel, wait until ready."""
         deadline = time.monotonic() + self.start_timeout
-        while not published.wait(0.2):
+        while not self._published.wait(0.2):
             self.ranks.check()
             if time.monotonic() > deadline:
                 raise ClusterError(f"the master did not start within {self.start_timeout:.0f}s")
-        self.master_address = f"tcp://127.0.0.1:{ports[0]}" if self.world_size > 1 else None
+        self.master_address = f"tcp://127.0.0.1:{self._ports[0]}" if self.world_size > 1 else None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._ctx.term()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(f"tcp://127.0.0.1:{ports[1]}")
-        self._request({"op": "ready"}, timeout=self.start_timeout, watch_all=True)
+        self._sock.connect(f"tcp://127.0.0.1:{self._ports[1]}")
+        self._request({"op": "ready"}, timeout=self.start_timeout, watch_all=watch_all)
+
+    # -- faults --------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        """As the master sees it: {"missing": worker ranks not connected now, "reasons": {rank: why},
+        "pids": {rank: process id} of the connected ones}."""
+        event, _ = self._request({"op": "health"})
+        return {"missing": event["missing"], "reasons": event["reasons"], "pids": event["pids"]}
+
+    def restart_worker(self, rank: int, timeout: float | None = None) -> None:
+        """Kill worker `rank` if it still runs, start a new process for it, and wait until it has
+        rejoined the running master (the master and the other workers are not restarted)."""
+        if not 1 <= rank < self.world_size:
+            raise ClusterError(f"rank {rank} is not a worker rank of this cluster (1..{self.world_size - 1})")
+        self.ranks.end(rank)
+        self.ranks.spawn_worker(self._worker_options(rank, self.master_address))
+        pid = self.ranks.procs[rank].pid
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while self.health()["pids"].get(str(rank)) != pid:
+            self.ranks.check([rank])
+            if time.monotonic() > deadline:
+                raise ClusterError(f"rank {rank} did not rejoin within {timeout or self.start_timeout:.0f}s")
+            time.sleep(0.1)  # the master answers `health` at once; this paces the asking
+
+    def restart_master(self) -> None:
+        """Kill the master if it still runs and start a new one on the same worker port; the
+        workers, which keep trying to reconnect, rejoin it without being restarted."""
+        port = self._ports[0]
+        self.ranks.end(0)
+        self._spawn_master(f"tcp://127.0.0.1:{port}")
+        self._connect(watch_all=False)
 
     def close(self) -> None:
         """Stop every rank: ask the master to shut down, then terminate or kill what remains."""

@@ -128,6 +128,11 @@ class RankModel:
         self.steps = 0
         self.fetched_bytes = 0  # shard bytes this worker downloaded from the master at start
 
+    def reset(self) -> None:
+        """Forget every sequence (the master that owned them is gone) and the step in flight."""
+        self.cache.free_all()
+        self.sched.reset()
+
     def stats(self, comm: Communicator) -> dict:
         """Counters since start, as plain numbers (they travel in a STATS_REPLY)."""
         c, r = self.sched.counters, self.residency

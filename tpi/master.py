@@ -22,6 +22,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tpi.comm.base import SingleRank
+from tpi.comm.security import Curve
 from tpi.comm.zmq_star import StarMaster
 from tpi.engine import Engine, GenerationResult
 from tpi.fetch import ShardServer
@@ -42,6 +43,8 @@ class MasterOptions:
     join_timeout: float = 300.0
     parent_pid: int | None = None
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    lost_timeout: float = 3.0  # heartbeats: a worker silent this long is declared lost
+    curve: Curve | None = None  # CURVE keys: ours and the workers' allowed public keys
 
 
 class MasterNode:
@@ -54,7 +57,8 @@ class MasterNode:
         cfg, world = self.manifest.config, self.manifest.plan.world_size
         self.comm = SingleRank() if world == 1 else StarMaster(
             opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers,
-            opts.step_timeout, files=ShardServer(opts.shard_dir, self.manifest))
+            opts.step_timeout, files=ShardServer(opts.shard_dir, self.manifest), lost_timeout=opts.lost_timeout,
+            curve=opts.curve)
         self.address = getattr(self.comm, "address", None)
         self.engine: Engine | None = None
 
@@ -65,6 +69,20 @@ class MasterNode:
         if isinstance(self.comm, StarMaster):
             self.comm.wait_for_workers(self.opts.join_timeout, check)
         return self.engine
+
+    def poll_idle(self, timeout: float = 0.0) -> None:
+        """Between requests: let workers join, rejoin and fetch shards, and notice lost ones."""
+        poll = getattr(self.comm, "poll_idle", None)
+        if poll is not None:
+            poll(timeout)
+
+    def health(self) -> dict:
+        """Which worker ranks are missing (never joined or lost) and why."""
+        comm = self.comm
+        missing = getattr(comm, "missing", [])
+        lost = getattr(comm, "lost", {})
+        pids = {str(r): pid for r, pid in getattr(comm, "pids", {}).items() if r not in missing}
+        return {"missing": missing, "reasons": {str(r): lost.get(r, "not joined") for r in missing}, "pids": pids}
 
     def close(self) -> None:
         self.comm.close()
@@ -102,7 +120,7 @@ def pack(obj: dict[str, Any]) -> bytes:
 Reply = Callable[..., None]
 
 
-def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
+def _serve_request(engine: Engine, reply: Reply, req: dict, node_health: dict) -> None:
     op = req.get("op")
     if op == "forward":
         r = ForwardRequest.model_validate(req)
@@ -122,6 +140,8 @@ def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
         reply({"event": "stats", "ranks": engine.stats()})
     elif op == "ready":
         reply({"event": "ready"})
+    elif op == "health":
+        reply({"event": "health", **node_health})
     else:
         raise ValueError(f"unknown op {str(op)[:80]!r}")
 
@@ -170,7 +190,9 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
     while True:
         if parent_pid is not None and os.getppid() != parent_pid:
             return  # the owner is gone
-        if not sock.poll(500):
+        if engine is not None:
+            node.poll_idle()
+        if not sock.poll(50 if engine is not None else 500):
             continue
         frames = sock.recv_multipart()
         ident, req = frames[0], None
@@ -196,7 +218,7 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
                 return
             if engine is None:
                 engine = node.start()  # loads rank 0's weights and waits for the workers
-            _serve_request(engine, reply, req)
+            _serve_request(engine, reply, req, node.health() if req.get("op") == "health" else {})
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])

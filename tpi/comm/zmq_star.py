@@ -21,7 +21,8 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tpi.comm.base import CommError, PeerLost, Shutdown, StepAborted
+from tpi.comm.base import CommError, MasterLost, PeerLost, Shutdown, StepAborted
+from tpi.comm.security import Curve, secure_client, secure_server
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, Tag, WireError, decode, encode
 
 
@@ -36,9 +37,16 @@ def _identity(rank: int) -> bytes:
     return b"rank%d" % rank
 
 
-def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, kind: int, lost_timeout: float) -> zmq.Socket:
+    """A socket whose connections libzmq's own I/O thread keeps alive with ZMTP heartbeats: a peer
+    silent for `lost_timeout` seconds (dead, hung, unplugged) is disconnected, whatever Python is
+    busy with (a long step, a weight load)."""
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    ms = max(1, int(lost_timeout * 1000))
+    s.setsockopt(zmq.HEARTBEAT_IVL, max(1, ms // 4))
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
+    s.setsockopt(zmq.HEARTBEAT_TTL, ms)
     return s
 
 
@@ -48,13 +56,15 @@ class StarMaster:
     rank = 0
 
     def __init__(self, bind: str, world_size: int, digest: str, hidden: int, dtype: torch.dtype,
-                 num_layers: int, step_timeout: float = 60.0, files: FileServer | None = None):
+                 num_layers: int, step_timeout: float = 60.0, files: FileServer | None = None,
+                 lost_timeout: float = 3.0, curve: Curve | None = None):
         self.world_size, self.digest, self.step_timeout = world_size, digest, step_timeout
         self.files = files  # answers workers that fetch their shards before joining
         self.ctx = zmq.Context()
-        self.sock = _socket(self.ctx, zmq.ROUTER)
+        self.sock = _socket(self.ctx, zmq.ROUTER, lost_timeout)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        self.auth = secure_server(self.ctx, self.sock, curve) if curve else None
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -63,13 +73,14 @@ class StarMaster:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.peers: dict[bytes, int] = {}  # identity -> rank, after a valid HELLO
         self.hosts: dict[int, str] = {}
+        self.pids: dict[int, object] = {}
         self.lost: dict[int, str] = {}
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
         self._stats: dict[int, dict] = {}
         self.refused = 0  # messages refused and logged: malformed, from strangers, bad joins or shard requests
         self.allreduce_s, self.allreduce_calls = 0.0, 0
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
-                                        Kind.GET_CHUNK}), hidden, dtype, max_layer=num_layers)
+                                        Kind.GET_CHUNK, Kind.BYE}), hidden, dtype, max_layer=num_layers)
 
     # -- joining -------------------------------------------------------------------------------
     def wait_for_workers(self, timeout: float, check: Callable[[], None] | None = None) -> None:
@@ -101,18 +112,27 @@ class StarMaster:
             reason = f"identity {ident!r} does not match rank {rank}"
         elif info.get("digest") != self.digest:
             reason = f"manifest digest {str(info.get('digest'))[:12]} does not match the master's {self.digest[:12]}"
-        elif rank in self.peers.values() and rank not in self.lost:
-            reason = f"rank {rank} is already connected"
         if reason:
             self.refused += 1
             log.warning("refused a worker: %s", reason)
             self._send(ident, Message(Kind.REFUSE, info={"reason": reason}), quiet=True)
             return
+        if rank in self.peers.values() and rank not in self.lost:
+            if self.pids.get(rank) == info.get("pid"):
+                self._send(ident, Message(Kind.WELCOME), quiet=True)  # a repeated HELLO of the same process
+                return
+            # a new process took the rank over before its predecessor was noticed gone: fail what the
+            # old one was part of; the newcomer's next HELLO (it repeats them) finds the rank free
+            self.lost[rank] = f"restarted as pid {info.get('pid')}"
+            log.warning("rank %d came back as a new process (pid %s); the old one is lost", rank, info.get("pid"))
+            return
         self.peers[ident] = rank
         self.hosts[rank] = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
-        self.lost.pop(rank, None)
+        self.pids[rank] = info.get("pid")
+        rejoined = self.lost.pop(rank, None) is not None
         self._send(ident, Message(Kind.WELCOME))
-        log.info("rank %d joined from %s", rank, self.hosts[rank])
+        log.log(logging.WARNING if rejoined else logging.INFO, "rank %d %s from %s", rank,
+                "rejoined" if rejoined else "joined", self.hosts[rank])
 
     # -- the collective ------------------------------------------------------------------------
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
@@ -150,7 +170,9 @@ class StarMaster:
             self._poll_once(left, None, {})
         return dict(self._stats)
 
-    def _poll_once(self, timeout: float, tag: Tag | None, parts: dict[int, torch.Tensor]) -> None:
+    def _poll_once(self, timeout: float, tag: Tag | None, parts: dict[int, torch.Tensor], idle: bool = False
+                   ) -> bool:
+        """Handle at most one message (and any disconnect events); False when nothing came."""
         wait = min(timeout, 0.1 if self._probe_until else 1.0)
         events = dict(self.poller.poll(int(wait * 1000) + 1))
         if self.monitor in events:
@@ -160,7 +182,7 @@ class StarMaster:
         if self._probe_until:
             self._probe()
         if self.sock not in events:
-            return
+            return bool(events)
         frames = self.sock.recv_multipart(copy=False)
         ident, body = frames[0].bytes, frames[1:]
         try:
@@ -168,7 +190,7 @@ class StarMaster:
         except WireError as e:
             self.refused += 1
             log.warning("refused a message from %r: %s", ident[:32], e)
-            return
+            return True
         rank = self.peers.get(ident)
         if msg.kind == Kind.HELLO:
             self._welcome(ident, msg)
@@ -182,14 +204,22 @@ class StarMaster:
         elif rank is None:
             self.refused += 1
             log.warning("refused a %s from an unknown peer %r", msg.kind.name, ident[:32])
+        elif msg.kind == Kind.BYE:
+            why = str(msg.info.get("reason", "left"))
+            self.lost.setdefault(rank, why)
+            log.warning("rank %d (%s) left: %s", rank, self.hosts[rank], why)
+        elif msg.kind == Kind.ERROR and idle:
+            log.warning("rank %d (%s) reported: %s", rank, self.hosts[rank], msg.info.get("message", "?"))
         elif msg.kind == Kind.ERROR:
             raise CommError(f"rank {rank} ({self.hosts[rank]}) failed: {msg.info.get('message', '?')}")
         elif msg.kind == Kind.STATS_REPLY:
             self._stats[rank] = msg.info
         elif tag is None or msg.tag != tag or rank in parts:
-            log.warning("dropped a stale or out-of-order partial from rank %d: %s, expected %s", rank, msg.tag, tag)
+            log.log(logging.INFO if idle else logging.WARNING, "dropped a stale or out-of-order partial from rank "
+                    "%d: %s, expected %s", rank, msg.tag, tag)
         else:
             parts[rank] = msg.tensor
+        return True
 
     def _probe(self) -> None:
         """A connection closed: find out whether it was a worker's. Sending to a peer whose pipe
@@ -220,11 +250,29 @@ class StarMaster:
             if not quiet:
                 self._check_alive()
 
-    def broadcast(self, msg: Message) -> None:
-        self._check_alive()
-        for ident in self.peers:
-            self._send(ident, msg, quiet=True)
-        self._check_alive()
+    def broadcast(self, msg: Message, check: bool = True) -> None:
+        """Send to every worker; with `check`, raise PeerLost first if one is lost (a step cannot run),
+        without it send to those still there (a CANCEL after a failure)."""
+        if check:
+            self._check_alive()
+        for ident, rank in self.peers.items():
+            if rank not in self.lost:
+                self._send(ident, msg, quiet=True)
+        if check:
+            self._check_alive()
+
+    def poll_idle(self, timeout: float = 0.0) -> None:
+        """Between requests: answer joins, rejoins and shard requests, notice lost workers."""
+        deadline = time.monotonic() + timeout
+        for _ in range(256):
+            if not self._poll_once(max(0.0, deadline - time.monotonic()), None, {}, idle=True):
+                return
+
+    @property
+    def missing(self) -> list[int]:
+        """Worker ranks not connected now: never joined, or lost."""
+        joined = set(self.peers.values()) - set(self.lost)
+        return sorted(set(range(1, self.world_size)) - joined)
 
     def receive(self, timeout: float | None = None) -> Message:
         raise CommError("the master receives partials only inside all_reduce")
@@ -234,6 +282,8 @@ class StarMaster:
             self._send(ident, Message(Kind.SHUTDOWN), quiet=True)
         self.monitor.close(0)
         self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
@@ -241,13 +291,17 @@ class StarWorker:
     """A worker's side of the star: one DEALER connected to the master."""
 
     def __init__(self, master: str, rank: int, world_size: int, digest: str, hidden: int,
-                 dtype: torch.dtype, num_layers: int, step_timeout: float = 60.0):
+                 dtype: torch.dtype, num_layers: int, step_timeout: float = 60.0, lost_timeout: float = 3.0,
+                 curve: Curve | None = None):
         self.rank, self.world_size, self.step_timeout = rank, world_size, step_timeout
         self.master, self.digest = master, digest
         self.ctx = zmq.Context()
-        self.sock = _socket(self.ctx, zmq.DEALER)
+        self.sock = _socket(self.ctx, zmq.DEALER, lost_timeout)
         self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # back off up to 2 s while the master is away
+        if curve is not None:
+            secure_client(self.sock, curve)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(master)
         self.poller = zmq.Poller()
@@ -258,22 +312,33 @@ class StarWorker:
                              max_layer=num_layers)
         self.allreduce_s, self.allreduce_calls = 0.0, 0
 
-    def join(self, timeout: float) -> None:
-        """Say HELLO and wait for the master's answer (the master may start after us)."""
+    def join(self, timeout: float | None) -> None:
+        """Say HELLO until the master answers (it may start after us, or be restarting); repeated
+        with back-off, a note every 10 s; `timeout` None: keep trying until it comes."""
         info = {"rank": self.rank, "protocol": PROTOCOL_VERSION, "digest": self.digest,
                 "pid": os.getpid(), "host": socket.gethostname()}
-        self.sock.send_multipart(encode(Message(Kind.HELLO, info=info)))
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        next_hello, pause, note = start, 0.25, start + 10
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if timeout is not None and now - start > timeout:
                 raise CommError(f"rank {self.rank}: no answer from the master at {self.master} within {timeout:.0f}s")
-            msg = self._recv(left, joined=False)
+            if now >= next_hello:
+                self.sock.send_multipart(encode(Message(Kind.HELLO, info=info)))
+                next_hello, pause = now + pause, min(pause * 2, 4.0)
+            if now >= note:
+                log.warning("rank %d: waiting for the master at %s", self.rank, self.master)
+                note = now + 10
+            msg = self._recv(min(0.25, max(0.0, next_hello - now)), joined=False)
             if msg is None or msg.kind == Kind.PING:
                 continue
             if msg.kind == Kind.REFUSE:
-                raise CommError(f"rank {self.rank}: the master refused us: {msg.info.get('reason')}")
+                reason = msg.info.get("reason")
+                log.error("rank %d: the master refused us: %s", self.rank, reason)
+                raise CommError(f"rank {self.rank}: the master refused us: {reason}")
             if msg.kind == Kind.WELCOME:
+                while self.monitor.poll(0):  # disconnects from before this welcome are history
+                    self.monitor.recv_multipart()
                 return
 
     def _recv(self, timeout: float, joined: bool = True) -> Message | None:
@@ -281,7 +346,7 @@ class StarWorker:
         if self.monitor in events:
             parse_monitor_message(self.monitor.recv_multipart())
             if joined:
-                raise Shutdown(f"rank {self.rank}: lost the connection to the master at {self.master}")
+                raise MasterLost(f"rank {self.rank}: lost the connection to the master at {self.master}")
         if self.sock not in events:
             return None
         try:
@@ -340,6 +405,14 @@ class StarWorker:
 
     def send_error(self, text: str) -> None:
         self.sock.send_multipart(encode(Message(Kind.ERROR, info={"message": text[:1000]})))
+
+    def send_bye(self, reason: str) -> None:
+        """Tell the master we are leaving, so it fails what we were part of at once."""
+        try:
+            self.sock.send_multipart(encode(Message(Kind.BYE, info={"reason": reason[:1000]})), zmq.NOBLOCK)
+            time.sleep(0.05)  # LINGER is 0: give the I/O thread a moment to write it
+        except zmq.ZMQError:
+            pass
 
     def close(self) -> None:
         self.monitor.close(0)
