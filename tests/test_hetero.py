@@ -8,23 +8,62 @@ import torch
 from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
-from tpi.hetero import SplitContext, SplitWeight, measure_ratio
+from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
+from tpi.hetero import Splitter, measure_ratio, share_bytes
+from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
-def test_split_weight_on_cpu_matches_linear(ratio):
+def _blocks(n: int, pin: bool) -> list[dict[str, torch.Tensor]]:
+    """n random FFN-like blocks (gate/up/down, a bias, a norm) in host memory."""
     gen = torch.Generator().manual_seed(0)
-    w, b, x = (torch.randn(s, generator=gen) for s in ((96, 64), (96,), (5, 64)))
-    out = SplitWeight(w, b, SplitContext.create("cpu", ratio))(x)
-    assert_close(out, torch.nn.functional.linear(x, w, b), rel=1e-6)
+    blocks = []
+    for _ in range(n):
+        shapes = {"post_attention_layernorm.weight": (64,), "gate_proj.weight": (96, 64), "gate_proj.bias": (96,),
+                  "up_proj.weight": (96, 64), "down_proj.weight": (64, 96)}
+        w = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+        blocks.append({k: t.pin_memory() if pin else t for k, t in w.items()})
+    return blocks
 
 
-def test_split_ratio_is_validated():
+def _slot(blocks: list[dict], ratio: float) -> int:
+    return max(share_bytes([(k, tuple(t.shape), t.dtype) for k, t in w.items()], ratio)[0] for w in blocks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("ratio", "slots"), [(0.0, 2), (0.3, 1), (0.3, 2), (1.0, 3)])
+def test_splitter_pipeline_matches_linear(device, ratio, slots):
+    """Blocks run in a cycle, the next one queued (its copies started) while the current one
+    computes: every projection equals F.linear, norms arrive whole, the ring's slots are reused
+    correctly; a block out of the queued order is still right."""
+    blocks = _blocks(3, pin=device == "cuda")
+    sp = Splitter(device, ratio, _slot(blocks, ratio), slots=slots)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2 * len(blocks) + 1):
+        i = step % len(blocks) if step < 2 * len(blocks) else 1  # the last: not the block queued
+        w = sp.weights(i, blocks[i])
+        sp.upcoming((i + 1) % len(blocks), blocks[(i + 1) % len(blocks)])  # prefetch
+        x = torch.randn(3, 64, generator=gen)
+        h = w["gate_proj.weight"](x.to(device))
+        y = w["down_proj.weight"](torch.nn.functional.silu(h) * w["up_proj.weight"](x.to(device)))
+        sp.finish(i)
+        ref_h = torch.nn.functional.linear(x, blocks[i]["gate_proj.weight"], blocks[i]["gate_proj.bias"])
+        ref_u = torch.nn.functional.linear(x, blocks[i]["up_proj.weight"])
+        ref = torch.nn.functional.linear(torch.nn.functional.silu(ref_h) * ref_u, blocks[i]["down_proj.weight"])
+        assert_close(y.cpu(), ref, rel=1e-5)
+        assert torch.equal(w["post_attention_layernorm.weight"].cpu(), blocks[i]["post_attention_layernorm.weight"])
+        assert "gate_proj.bias" not in w  # folded into the split weight
+
+
+def test_splitter_validates():
     with pytest.raises(ValueError, match="split ratio=1.5"):
-        SplitContext.create("cpu", 1.5)
+        Splitter("cpu", 1.5, 0)
+    blocks = _blocks(1, pin=False)
+    with pytest.raises(ValueError, match="more than a slot's"):
+        Splitter("cpu", 0.5, _slot(blocks, 0.4)).weights(0, blocks[0])
 
 
 @pytest.mark.timeout(240)
@@ -33,7 +72,7 @@ def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size)
     path, _ = tiny_models("qwen2")  # biases on q/k/v exercise the bias split too
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, ref_tokens = cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=12)
-    for ratio in (0.0, 0.3, 1.0):
+    for ratio in (0.0, 0.3, 1.0):  # 0.3 streams every block (no prefetch), the others pin them (prefetch)
         with LocalCluster(path, world_size=world_size, cache_dir=split_cache, split_ratio=ratio,
                           stream_all=ratio == 0.3) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-5)
@@ -51,19 +90,31 @@ def test_cuda_device_refused_without_cuda(tiny_models, split_cache):
             pass
 
 
+def _slots(shard_dir, ratio: float) -> int:
+    """GPU bytes rank 0 reserves for the split at `ratio`: copy slots, norms and biases."""
+    m = Manifest.load(shard_dir)
+    specs = [block_spec(shard_dir, m, 0, layer, kind) for layer, kind in rank_blocks(m.config, m.plan, 0)
+             if kind != "head"]
+    slot, small = split_gpu_bytes(specs, ratio)
+    return SPLIT_SLOTS * slot + small
+
+
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size):
     path, _ = tiny_models("qwen2")
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
-        ref, stats = cluster.forward(PROMPT), cluster.stats()[0]
+        ref, stats, shard = cluster.forward(PROMPT), cluster.stats()[0], cluster.shard_dir
     kv, block = stats["kv_cache_bytes"], stats["largest_block_bytes"]
     placements = []
-    # room for the KV cache only (every block split), for some blocks, for every block
-    for budget, ratio in ((kv, 0.3), (kv + 2 * block, 0.7), ("50MB", 0.5)):
+    # room for the KV cache and the copy slots only (every block split; streamed: no prefetch),
+    # for some blocks, for every block
+    configs = ((kv + _slots(shard, 0.3), 0.3, True), (kv + _slots(shard, 0.7) + 2 * block, 0.7, False),
+               ("50MB", 0.5, False))
+    for budget, ratio, stream in configs:
         with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda",
-                          gpu_memory_budget=budget, split_ratio=ratio) as cluster:
+                          gpu_memory_budget=budget, split_ratio=ratio, stream_all=stream) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
             placements.append(cluster.stats()[0]["gpu_blocks"])
     assert placements[0] == 0 and placements[0] < placements[1] < placements[2]
@@ -88,5 +139,6 @@ def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache):
 
 
 def test_measured_ratio_is_a_fraction():
-    r = measure_ratio(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 8 << 20, 1)
-    assert 0 < r["ratio"] < 1 and r["cpu_bytes_per_s"] > 0
+    r = measure_ratio(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32,
+                      ((256, 128), (128, 256)), seconds=0.05)
+    assert 0 < r["ratio"] < 1 and r["cpu_bytes_per_s"] > 0 and r["copy_bytes_per_s"] > 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError
-from tpi.hetero import SplitContext, measure_ratio, split_block
+from tpi.hetero import Splitter, is_projection, measure_ratio, share_bytes
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
@@ -27,6 +27,7 @@ from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
+SPLIT_SLOTS = 3  # device buffers, one projection's GPU rows each: the one in use and the next ones' copies
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -54,7 +55,15 @@ class MemoryOptions:
     # share of each host block's output rows computed on the accelerator; None: measured with a GPU,
     # no split without one. With device "cpu" a ratio runs the split path with both parts on the CPU.
     split_ratio: float | None = None
+    gpu_prefetch: bool = True  # copy the next host block's GPU share while this one computes
     verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
+
+
+def split_gpu_bytes(specs: list, ratio: float) -> tuple[int, int]:
+    """(one copy slot of the CPU/GPU split: the largest projection's GPU rows at `ratio`; the norms
+    and bias shares of every block, kept on the GPU) in bytes."""
+    sizes = [share_bytes([(t.name, t.shape, t.dtype) for t in s.tensors], ratio) for s in specs]
+    return max((a for a, _ in sizes), default=0), sum(b for _, b in sizes)
 
 
 def _device(name: str) -> torch.device:
@@ -99,20 +108,26 @@ class RankModel:
                              self.dtype, slots, self.device)
         specs = [block_spec(shard_dir, manifest, rank, layer, kind)
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
-        self.gpu_blocks = self._place_on_gpu(specs, memory) if self.device.type == "cuda" else {}
-        specs = [s for s in specs if s.key not in self.gpu_blocks]
-        self.split = self._split_context(memory)
+        ratio = self._split_ratio(memory, specs)
+        slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, ratio)  # any block may end up on the host
+        reserve = SPLIT_SLOTS * slot + small
+        self.gpu_blocks = self._place_on_gpu(specs, memory, reserve) if self.device.type == "cuda" else {}
+        all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
+        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS)
+        self.prefetch = memory.gpu_prefetch
         self.index = {spec.key: i for i, spec in enumerate(specs)}
         self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
         if rank == 0:
             largest = max((s.nbytes for s in specs), default=64 << 20)
+            if self.split:  # LM-head chunks no larger than a projection, so that their GPU rows fit a copy slot
+                largest = min(largest, max((t.nbytes for s in all_specs for t in s.tensors), default=largest))
             self.embed_info, norm_info, head_path, chunks = head_specs(shard_dir, manifest, largest)
             for spec, a, b in chunks:
                 self.head_chunks.append((len(specs), a, b))
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        host_kv = self.cache.nbytes if self.device.type == "cpu" else 0
+        host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
         fixed = runtime + host_kv + self._activation_bytes(shard)
         budget = parse_bytes(memory.memory_budget)
         if memory.stream_all:
@@ -153,16 +168,17 @@ class RankModel:
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
         }
 
-    def _place_on_gpu(self, specs: list, memory: MemoryOptions, slots: int) -> dict[tuple, Weights]:
-        """Blocks that fit the GPU budget after the KV cache and the split's `slots` bytes, largest
-        first, loaded onto the GPU."""
+    def _place_on_gpu(self, specs: list, memory: MemoryOptions, split: int) -> dict[tuple, Weights]:
+        """Blocks that fit the GPU budget after the KV cache and the split's `split` bytes (copy
+        slots, norms), largest first, loaded onto the GPU."""
         budget = parse_bytes(memory.gpu_memory_budget)
         if budget is None:
             budget = int(0.9 * torch.cuda.mem_get_info(self.device)[0])
-        room = budget - self.cache.nbytes
+        room = budget - self.cache.nbytes - split
         if room < 0:
             raise ConfigError(f"gpu_memory_budget of {budget:,} bytes is too small for the KV cache "
-                              f"({self.cache.nbytes:,} bytes); lower --max-context or raise the budget")
+                              f"({self.cache.nbytes:,} bytes) and the split's copy slots ({split:,} bytes); "
+                              "lower --max-context or raise the budget")
         chosen = {}
         for spec in sorted(specs, key=lambda s: -s.nbytes):
             if spec.nbytes <= room:
@@ -170,11 +186,17 @@ class RankModel:
                 room -= spec.nbytes
         return chosen
 
-    def _split_context(self, memory: MemoryOptions) -> SplitContext | None:
+    def _split_ratio(self, memory: MemoryOptions, specs: list) -> float | None:
+        """The configured ratio; with a GPU and none configured, measured on this rank's projection
+        shapes (one attention and one FFN block); None: no split."""
         ratio = memory.split_ratio
         if ratio is None and self.device.type == "cuda":
-            ratio = measure_ratio(self.device, self.dtype)["ratio"]
-        return None if ratio is None else SplitContext.create(self.device, ratio)
+            firsts = {s.key[1]: s for s in reversed(specs)}.values()
+            shapes = [t.shape for s in firsts for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
+            ratio = measure_ratio(self.device, self.dtype, shapes)["ratio"]
+        if ratio is not None and not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")
+        return ratio
 
     def _activation_bytes(self, shard) -> int:
         """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
@@ -213,7 +235,30 @@ class RankModel:
         if i is None:  # no share of this block here: this rank adds nothing
             return torch.zeros_like(x)
         with self.sched.block(i) as w:
-            return run(x, split_block(w, self.split) if self.split else w)
+            if self.split is None:
+                return run(x, w)
+            return self._run_split(i, key, x, w, run)
+
+    def _run_split(self, i: int, key: tuple, x: torch.Tensor, w: Weights, run) -> torch.Tensor:
+        """Host block i split between the CPU and the GPU; x and the result on the CPU."""
+        weights = self.split.weights(key, w)  # queues the copies, unless already queued
+        self._prefetch_after(i)
+        y = run(x.to(self.device), weights)  # activations stay on the GPU; only the CPU's rows travel
+        self.split.finish(key)
+        return y.to(x.device)
+
+    @staticmethod
+    def _split_tensors(key: tuple, w: Weights) -> Weights:
+        """A block's tensors as the split names them (an LM-head chunk's "weight" is a projection)."""
+        return {"lm_head.weight": w["weight"]} if key[1] == "head" else w
+
+    def _prefetch_after(self, i: int) -> None:
+        """Queue the next host block's GPU rows (LM-head chunks included), so their copies start while
+        block i computes, if it stays in host memory (a streamed block's buffer is ours only inside its `with`)."""
+        j = (i + 1) % len(self.sched.blocks)
+        if self.prefetch and j in self.residency.pinned:
+            key = self.sched.blocks[j].key
+            self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
 
     # -- rank 0 only ---------------------------------------------------------------------------
     def _resident_embedding(self, budget: int | None) -> list[tuple[int, int, torch.Tensor]] | None:
@@ -253,7 +298,12 @@ class RankModel:
         out = torch.empty((h.shape[0], self.cfg.vocab_size), dtype=torch.float32)
         for i, a, b in self.head_chunks:
             with self.sched.block(i) as w:
-                out[:, a:b] = F.linear(hn, w["weight"])
+                if self.split is None:
+                    out[:, a:b] = F.linear(hn, w["weight"])
+                else:  # split like the layers' projections
+                    key = self.sched.blocks[i].key
+                    out[:, a:b] = self._run_split(i, key, hn, self._split_tensors(key, w),
+                                                  lambda x, w: w["lm_head.weight"](x))
         return out
 
 
