@@ -11,7 +11,6 @@ as the same validated wire messages as the collective. Does not know: the model,
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ import zmq
 from tpi.comm.base import CommError
 from tpi.comm.security import Curve, secure_client
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, WireError, decode, encode
-from tpi.weights import Manifest
+from tpi.weights import Manifest, sha256_file
 
 log = logging.getLogger("tpi.fetch")
 
@@ -83,14 +82,6 @@ class FetchReport:
     fetched_files: int  # of which downloaded now (missing, partial, or not matching the manifest)
     fetched_bytes: int
     seconds: float
-
-
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Client:
