@@ -58,6 +58,14 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
                    "each rank's shard files at start (sizes and headers are still checked): for very large models")
 
 
+def _add_collective(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collective", default="star", choices=["star", "ring", "tree", "gloo", "auto"],
+                   help="the allreduce: star (default), ring, tree, gloo, or auto (chosen from the links measured "
+                   "at start)")
+    p.add_argument("--payload", choices=["float32", "float16", "bfloat16", "q8", "q8_64"],
+                   help="partial sums on the wire (default: the model's dtype); q8: int8 with a scale per 32 values")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpi", description="tensor-parallel inference on small devices")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -78,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="a folder written by `tpi split` (default: fetch this rank's shards from "
                    "the master and keep them in --cache-dir)")
     p.add_argument("--cache-dir", help="where fetched shards are kept (default: ~/.cache/tpi/fetched/rank<R>)")
+    p.add_argument("--collective", choices=["star", "ring", "tree", "gloo", "auto"],
+                   help="default: whatever the master runs; star: open no port for a ring or tree; others: refuse "
+                   "a master that runs another")
+    p.add_argument("--collective-host", help="the address other workers reach this one at, for a ring or tree "
+                   "(default: this machine's address on its route to the master)")
     _add_rank(p)
 
     p = sub.add_parser("keys", help="make this node's CURVE key pair and print its public key")
@@ -100,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="the folder written by `tpi split`")
     p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="where workers connect (default %(default)s)")
     _add_rank(p)
+    _add_collective(p)
     _add_generation(p)
 
     p = sub.add_parser("run", help="split (cached), start master and workers locally, generate, stop")
@@ -108,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _add_rank(p)
+    _add_collective(p)
     _add_generation(p)
     p.add_argument("--stats", action="store_true", help="print per-rank time and memory figures at the end")
 
@@ -128,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
     _add_rank(p)
+    _add_collective(p)
 
     p = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
     p.add_argument("--url", default="http://127.0.0.1:8000/v1")
@@ -226,7 +242,8 @@ def cmd_worker(args) -> None:
     serve(WorkerOptions(args.master, args.rank, args.shards, args.threads, args.max_context,
                         args.step_timeout, args.join_timeout, memory=_memory(args), cache_dir=args.cache_dir,
                         progress=sys.stderr.isatty(), lost_timeout=args.lost_timeout,
-                        curve=_curve(args, "worker", args.master)))
+                        curve=_curve(args, "worker", args.master), collective=args.collective,
+                        collective_host=args.collective_host))
 
 
 def cmd_launch(args) -> None:
@@ -267,7 +284,8 @@ def cmd_master(args) -> None:
 
     node = MasterNode(MasterOptions(args.shards, args.bind, args.threads, args.max_context, args.step_timeout,
                                     args.join_timeout, memory=_memory(args), lost_timeout=args.lost_timeout,
-                                    curve=_curve(args, "master", args.bind)))
+                                    curve=_curve(args, "master", args.bind), collective=args.collective,
+                                    payload=args.payload))
     try:
         print(f"rank 0 listening at {node.address}; waiting for {node.manifest.plan.world_size - 1} worker(s)",
               file=sys.stderr)
@@ -311,7 +329,8 @@ def cmd_run(args) -> None:
                       start_timeout=args.join_timeout, progress=True, window=mem.window,
                       memory_budget=mem.memory_budget, drop_page_cache=mem.drop_page_cache,
                       stream_all=mem.stream_all, device=mem.device, gpu_memory_budget=mem.gpu_memory_budget,
-                      split_ratio=mem.split_ratio, verify_shards=mem.verify_shards) as cluster:
+                      split_ratio=mem.split_ratio, verify_shards=mem.verify_shards, collective=args.collective,
+                      payload=args.payload) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}
         for event, _ in cluster.stream(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -337,7 +356,8 @@ def cmd_serve(args) -> None:
                        args.wait_for_workers, args.bind, args.api_key, args.model_name, args.queue_size,
                        args.threads, args.max_context, args.step_timeout, args.join_timeout, _memory(args),
                        args.lost_timeout,
-                       _curve(args, "master", args.bind) if args.wait_for_workers else None))
+                       _curve(args, "master", args.bind) if args.wait_for_workers else None,
+                       args.collective, args.payload))
 
 
 def cmd_chat(args) -> None:

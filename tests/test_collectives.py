@@ -29,7 +29,7 @@ from tpi.comm.links import HEADER, MAGIC
 from tpi.comm.payload import Payload, PayloadError, parse
 from tpi.comm.ring import RingAllReduce, ring_bounds, ring_reference
 from tpi.comm.tree import TreeAllReduce, tree_children, tree_parent, tree_reference
-from tpi.comm.wire import Tag
+from tpi.comm.wire import Kind, Message, Tag, encode, tensor_header
 
 SHAPES = [(3, 97), (1, 2), (2, 64)]  # 291 values: uneven ring chunks; 2 values: empty chunks for N > 2
 PAYLOADS = ("float32", "float16", "bfloat16", "q8")
@@ -45,11 +45,14 @@ def partial(rank: int, world: int, i: int) -> torch.Tensor:
     return torch.randn(SHAPES[i], generator=gen) * (1 + 3 * rank)
 
 
-def star_reference(parts: list[torch.Tensor]) -> torch.Tensor:
+def star_reference(parts: list[torch.Tensor], payload: str = "float32") -> torch.Tensor:
+    """The star: rank 0's partial as it is, each worker's as it crossed the wire, summed in rank
+    order in float32; the sum as it crosses the wire back."""
+    pay = parse(payload)
     acc = parts[0].clone()
     for p in parts[1:]:
-        acc += p
-    return acc
+        acc += pay.round_trip(p.reshape(-1)).view(p.shape)
+    return pay.round_trip(acc.reshape(-1)).view(acc.shape)
 
 
 # -- every collective in spawned processes -------------------------------------------------------
@@ -61,19 +64,25 @@ def _build(rank: int, world: int) -> dict:
     out.update({f"tree/{p}": TreeAllReduce(rank, world, p, timeout=30) for p in PAYLOADS})
     out["gloo/float32"] = GlooAllReduce(rank, world, timeout=30)
     out["gloo/bfloat16"] = GlooAllReduce(rank, world, "bfloat16", timeout=30)
-    if rank == 0:
-        out["star/float32"] = StarMaster("tcp://127.0.0.1:0", world, "test", 97, torch.float32, 1, 30)
+    for p in PAYLOADS if rank == 0 else ():  # the star: float32 is the plain path; the others come with PEERS
+        out[f"star/{p}"] = StarMaster("tcp://127.0.0.1:0", world, "test", 97, torch.float32, 1, 30,
+                                      payload=None if p == "float32" else p)
     return out
 
 
 def _connect(rank: int, world: int, comms: dict, addrs: list[dict]) -> None:
     from tpi.comm.zmq_star import StarWorker
 
-    if rank == 0:
-        comms["star/float32"].wait_for_workers(30)
-    else:
-        comms["star/float32"] = StarWorker(addrs[0]["star/float32"], rank, world, "test", 97, torch.float32, 1, 30)
-        comms["star/float32"].join(30)
+    step = Message(Kind.STEP, 1, 0, length=1, tensor=torch.zeros(1, 97))
+    for p in PAYLOADS:
+        name = f"star/{p}"
+        if rank == 0:
+            comms[name].wait_for_workers(30)
+            comms[name].broadcast(step)  # a payload is announced (PEERS) before the first step
+        else:
+            comms[name] = StarWorker(addrs[0][name], rank, world, "test", 97, torch.float32, 1, 30)
+            comms[name].join(30)
+            assert comms[name].receive(30).kind == Kind.STEP
     for name, comm in comms.items():
         if not name.startswith("star"):
             comm.connect([a[name] for a in addrs])
@@ -142,10 +151,8 @@ def test_collectives_equal_in_order_references(world: int) -> None:
         algo, payload = name.split("/")
         parts = [partial(r, world, i) for r in range(world)]
         got, exact = _tensor(raw, SHAPES[i]), star_reference(parts)
-        if algo == "star":
-            assert torch.equal(got, exact), name
-        elif algo in ("ring", "tree"):
-            ref = (ring_reference if algo == "ring" else tree_reference)(parts, payload)
+        if algo in ("star", "ring", "tree"):
+            ref = {"star": star_reference, "ring": ring_reference, "tree": tree_reference}[algo](parts, payload)
             assert torch.equal(got, ref), f"{name}, shape {SHAPES[i]}: max diff {(got - ref).abs().max():.3e}"
             if payload != "float32":
                 bound = world * UNIT[payload] * sum(p.abs().max().item() for p in parts)
@@ -324,3 +331,59 @@ def test_link_fit_recovers_alpha_and_bandwidth() -> None:
     assert link.alpha_s == pytest.approx(true.alpha_s) and link.bandwidth == pytest.approx(true.bandwidth)
     with pytest.raises(ValueError, match="small_bytes < large_bytes"):
         fit(100, 1e-3, 100, 2e-3)
+
+
+def test_tensor_header_is_what_encode_writes() -> None:
+    """The star's hot path compares headers with tensor_header's bytes: they must be encode's, byte for byte."""
+    for tag in (Tag(0, 0, 0, 0), Tag(3, 9, 2, 1), Tag(1 << 40, 70000, 300, 0)):
+        for length, dtype in ((1, torch.float32), (7, torch.bfloat16)):
+            for kind in (Kind.PARTIAL, Kind.REDUCED):
+                msg = Message(kind, tag.seq, tag.step, tag.layer, tag.phase, length=length,
+                              tensor=torch.zeros(length, 13, dtype=dtype))
+                name = "float32" if dtype == torch.float32 else "bfloat16"
+                assert tensor_header(kind, tag, length, name, 13) == encode(msg)[0]
+
+
+# -- generation through each collective, against transformers --------------------------------------
+PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
+GENERATION = [("ring", None), ("tree", None), ("gloo", None), ("auto", None), ("star", "float16"),
+              ("ring", "bfloat16")]
+
+
+@pytest.fixture(scope="module")
+def llama_reference(tiny_models):
+    path, model = tiny_models("llama")
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT])).logits[0]
+        greedy = model.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False)[0, len(PROMPT):].tolist()
+    return path, logits, greedy
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("collective,payload", GENERATION, ids=lambda v: str(v))
+def test_generation_matches_transformers(llama_reference, split_cache, collective: str, payload: str | None) -> None:
+    """Greedy tokens equal transformers' with every collective; logits within 1e-4 of their scale in
+    float32, and within the payload's rounding (a few 1e-3) with a 16-bit one."""
+    from conftest import assert_close
+
+    from tpi import LocalCluster
+
+    path, ref_logits, ref = llama_reference
+    with LocalCluster(path, world_size=3, cache_dir=split_cache, collective=collective, payload=payload) as cluster:
+        assert_close(cluster.forward(PROMPT), ref_logits, rel=1e-4 if payload is None else 2e-2)
+        assert cluster.generate(PROMPT, max_new_tokens=10) == ref
+        stats = cluster.stats()
+    assert all(r["allreduce_calls"] == stats[0]["allreduce_calls"] > 0 for r in stats)
+
+
+def test_bad_collective_options_are_refused(tiny_models) -> None:
+    from tpi import LocalCluster
+    from tpi.config import ConfigError
+
+    path, _ = tiny_models("llama")
+    with pytest.raises(ConfigError, match="collective='mesh': expected one of star, ring, tree, gloo, auto"):
+        LocalCluster(path, world_size=2, collective="mesh")
+    with pytest.raises(ConfigError, match="payload='q4': expected one of"):
+        LocalCluster(path, world_size=2, payload="q4")
+    with pytest.raises(ConfigError, match="q8 cannot be summed by gloo"):
+        LocalCluster(path, world_size=2, collective="gloo", payload="q8")

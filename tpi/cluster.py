@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import zmq
 
+from tpi.comm import collectives
 from tpi.comm.security import Curve, KeyPair
 from tpi.forward import MemoryOptions, parse_bytes
 from tpi.master import MasterOptions, master_process, report_errors
@@ -105,11 +106,17 @@ class LocalCluster:
                  memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
                  stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
                  split_ratio: float | None = None, worker_cache_dir: str | os.PathLike | None = None,
-                 lost_timeout: float = 3.0, curve: bool = False, verify_shards: bool = True):
+                 lost_timeout: float = 3.0, curve: bool = False, verify_shards: bool = True,
+                 collective: str = "star", payload: str | None = None):
         """`worker_cache_dir`: workers read no split folder but fetch their shards from the master
         into <worker_cache_dir>/rank<R> (kept there for the next start), as on separate machines.
         `lost_timeout`: a rank silent this long (heartbeats) is declared lost. `curve`: encrypt and
-        authenticate the links between ranks with fresh CURVE keys."""
+        authenticate the links between ranks with fresh CURVE keys. `collective`: star, ring, tree, gloo
+        or auto; `payload`: partials as float32, float16, bfloat16, q8 or q8_64 (None: the model's dtype)."""
+        collectives.check_options(collective, payload)  # refuse a bad value before any process starts
+        if curve and collective != "star":
+            raise ClusterError(f"collective {collective!r} runs over links without CURVE: use the star with curve")
+        self.collective, self.payload = collective, payload
         self.worker_cache_dir, self.lost_timeout = worker_cache_dir, lost_timeout
         self._keys = [KeyPair.generate() for _ in range(world_size)] if curve else None
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
@@ -170,7 +177,8 @@ class LocalCluster:
         self._ports, self._published = self.ranks.ctx.Array("i", 2), self.ranks.ctx.Event()
         mopts = MasterOptions(str(self.shard_dir), bind, threads=self.threads, max_context=self.max_context,
                               step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=os.getpid(),
-                              memory=self.memory[0], lost_timeout=self.lost_timeout, curve=self._curve(0))
+                              memory=self.memory[0], lost_timeout=self.lost_timeout, curve=self._curve(0),
+                              collective=self.collective, payload=self.payload)
         self.ranks.spawn(0, master_process, mopts, self._ports, self._published)
 
     def _connect(self, watch_all: bool) -> None:

@@ -45,6 +45,8 @@ class MasterOptions:
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     lost_timeout: float = 3.0  # heartbeats: a worker silent this long is declared lost
     curve: Curve | None = None  # CURVE keys: ours and the workers' allowed public keys
+    collective: str = "star"  # the allreduce: star, ring, tree, gloo, or auto (by the measured links)
+    payload: str | None = None  # partials on the wire: float32, float16, bfloat16, q8, q8_64; None: the model's dtype
 
 
 class MasterNode:
@@ -58,7 +60,7 @@ class MasterNode:
         self.comm = SingleRank() if world == 1 else StarMaster(
             opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers,
             opts.step_timeout, files=ShardServer(opts.shard_dir, self.manifest), lost_timeout=opts.lost_timeout,
-            curve=opts.curve)
+            curve=opts.curve, collective=opts.collective, payload=opts.payload)
         self.address = getattr(self.comm, "address", None)
         self.engine: Engine | None = None
 

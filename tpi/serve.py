@@ -48,6 +48,8 @@ class ServeOptions:
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     lost_timeout: float = 3.0
     curve: Curve | None = None  # with wait_for_workers: CURVE keys for the workers' links
+    collective: str = "star"  # see MasterOptions
+    payload: str | None = None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -69,7 +71,8 @@ def serve(opts: ServeOptions) -> None:
     bind = opts.bind if opts.wait_for_workers else "tcp://127.0.0.1:0"
     node = MasterNode(MasterOptions(shard_dir, bind, opts.threads, opts.max_context, opts.step_timeout,
                                     opts.join_timeout, memory=opts.memory, lost_timeout=opts.lost_timeout,
-                                    curve=opts.curve if opts.wait_for_workers else None))
+                                    curve=opts.curve if opts.wait_for_workers else None,
+                                    collective=opts.collective, payload=opts.payload))
     world = node.manifest.plan.world_size
     ranks = RankProcesses()
     engine_thread = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpi.comm import collectives
 from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted
 from tpi.comm.security import Curve
 from tpi.comm.wire import Kind
@@ -43,6 +44,8 @@ class WorkerOptions:
     lost_timeout: float = 3.0  # heartbeats: the master silent this long counts as gone
     rejoin_timeout: float | None = None  # after losing the master, try to rejoin this long (None: forever)
     curve: Curve | None = None  # CURVE keys: our pair and the master's public key
+    collective: str | None = None  # None: follow the master's choice; "star": open no link port; else insist
+    collective_host: str | None = None  # where peers reach this worker's link (default: its route to the master)
 
 
 def serve(opts: WorkerOptions) -> None:
@@ -61,8 +64,11 @@ def serve(opts: WorkerOptions) -> None:
     if fetched is not None:
         model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
+    links = None if opts.curve is not None else collectives.worker_links(
+        opts.rank, manifest.plan.world_size, opts.master, opts.collective, opts.collective_host, opts.step_timeout)
     comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
-                      manifest.dtype, cfg.num_layers, opts.step_timeout, opts.lost_timeout, opts.curve)
+                      manifest.dtype, cfg.num_layers, opts.step_timeout, opts.lost_timeout, opts.curve, links=links)
+    comm.require = opts.collective
     stop = _watch_parent(opts.parent_pid)
     leaving = "stopped"
     try:

@@ -42,7 +42,9 @@ class Links:
     """One rank's end of its point-to-point links. `connect` takes every rank's `address`."""
 
     def __init__(self, rank: int, world_size: int, host: str = "127.0.0.1", timeout: float = 60.0,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, advertise: str | None = None):
+        """Bind on `host` (an interface, 0.0.0.0 for all) at a port the OS picks; `address` names
+        `advertise` (the host peers reach us at) instead of `host` when given."""
         if not 0 <= rank < world_size:
             raise CommError(f"rank {rank} is outside the world of {world_size} ranks")
         self.rank, self.world_size, self.timeout, self.check = rank, world_size, timeout, check
@@ -53,6 +55,8 @@ class Links:
         self.pull.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
         self.pull.bind(f"tcp://{host}:0")
         self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
+        if advertise is not None:
+            self.address = f"tcp://{advertise}:{self.address.rsplit(':', 1)[1]}"
         self.push: dict[int, zmq.Socket] = {}
         self._hdr = bytearray(HEADER.size + 1)  # one byte more: a longer header shows as a size mismatch
         self._hdr_view = memoryview(self._hdr)
@@ -65,6 +69,9 @@ class Links:
         """Connect to the peers in `send_to` and wait until every rank in `receive_from` has said HELLO."""
         if len(addresses) != self.world_size:
             raise CommError(f"got {len(addresses)} addresses for a world of {self.world_size} ranks")
+        for s in self.push.values():  # a new set-up (a rank rejoined): new connections
+            s.close(0)
+        self.push, self._stash = {}, deque()
         for peer in send_to:
             s = self.ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 0)

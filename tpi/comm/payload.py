@@ -46,6 +46,11 @@ class Payload:
     def code(self) -> int:
         return CODES[self.name] | (0x10 if self.name == "q8" and self.block == 64 else 0)
 
+    @property
+    def label(self) -> str:
+        """The name on the wire and in options: 'q8_64' for q8 in blocks of 64; `parse` reads it back."""
+        return "q8_64" if self.name == "q8" and self.block == 64 else self.name
+
     def nbytes(self, n: int) -> int:
         """Exact size on the wire of n values."""
         if self.name == "q8":
@@ -131,12 +136,15 @@ def _view(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data.view(dtype)
 
 
+LABELS = (*NAMES, "q8_64")
+
+
 def parse(name: str | Payload) -> Payload:
-    """'float32', 'float16', 'bfloat16', 'q8' (block 32) or 'q8_64' -> Payload."""
+    """'float32', 'float16', 'bfloat16', 'q8' (blocks of 32) or 'q8_64' -> Payload."""
     if isinstance(name, Payload):
         return name
     if name == "q8_64":
         return Payload("q8", 64)
-    if name == "q8_32":
-        return Payload("q8", 32)
+    if name not in NAMES:
+        raise PayloadError(f"payload {name!r}: expected one of {', '.join(LABELS)}")
     return Payload(name)  # type: ignore[arg-type]

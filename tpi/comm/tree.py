@@ -45,9 +45,12 @@ class TreeAllReduce:
     """One rank of a binomial tree. `address` after construction; `connect(addresses)` with every rank's."""
 
     def __init__(self, rank: int, world_size: int, payload: PayloadName | Payload = "float32",
-                 host: str = "127.0.0.1", timeout: float = 60.0, check: Callable[[], None] | None = None):
+                 host: str = "127.0.0.1", timeout: float = 60.0, check: Callable[[], None] | None = None,
+                 links: Links | None = None):
+        """`links`: an already bound Links of this rank (its address already handed out) to use."""
         self.rank, self.world_size, self.payload = rank, world_size, parse(payload)
-        self.links = Links(rank, world_size, host, timeout, check)
+        self._own_links = links is None
+        self.links = links or Links(rank, world_size, host, timeout, check)
         self.address = self.links.address
         self.parent, self.children = tree_parent(rank), tree_children(rank, world_size)
         self._bufs: dict[int, torch.Tensor] = {}  # sender -> receive buffer (grown as needed)
@@ -109,7 +112,8 @@ class TreeAllReduce:
         self._nbytes = nbytes
 
     def close(self) -> None:
-        self.links.close()
+        if self._own_links:
+            self.links.close()
 
 
 def tree_reference(partials: list[torch.Tensor], payload: PayloadName | Payload = "float32") -> torch.Tensor:

@@ -42,6 +42,8 @@ class Kind(IntEnum):
     GET_CHUNK = 16  # worker -> master: file, offset, size (a byte range of one of its shard files)
     CHUNK = 17  # master -> worker: file, offset + the bytes
     BYE = 18  # worker -> master: leaving (SIGTERM, Ctrl-C), with the reason
+    PEERS = 19  # master -> worker: the collective and payload to use, every rank's address for it
+    ECHO = 20  # either way + a tensor [length, D]: sent back at once (link measurement for `auto`)
 
 
 class Phase(IntEnum):
@@ -49,7 +51,7 @@ class Phase(IntEnum):
     FFN = 1
 
 
-WITH_TENSOR = {Kind.STEP, Kind.PARTIAL, Kind.REDUCED}
+WITH_TENSOR = {Kind.STEP, Kind.PARTIAL, Kind.REDUCED, Kind.ECHO}
 WITH_DATA = {Kind.MANIFEST, Kind.CHUNK}  # a raw bytes frame, not a tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -107,6 +109,26 @@ def encode(msg: Message) -> list:
     if t.numel() == 0:
         return [msgpack.packb(header), b""]
     return [msgpack.packb(header), memoryview(t.view(torch.uint8).numpy()).cast("B")]
+
+
+def tensor_header(kind: Kind, tag: Tag, length: int, dtype: str, hidden: int) -> bytes:
+    """The exact header bytes `encode` writes for a tensor message [length, hidden] of `kind` and
+    `tag` (no start, no info). The star's hot path compares a received header with these bytes:
+    one comparison checks kind, tag, dtype and shape. `dtype` may name a payload (payload.py)."""
+    header: dict[str, Any] = {"k": int(kind)}  # the order and the omitted zeros of `encode`
+    if tag.seq:
+        header["seq"] = tag.seq
+    if tag.step:
+        header["step"] = tag.step
+    if tag.layer:
+        header["layer"] = tag.layer
+    if tag.phase:
+        header["phase"] = tag.phase
+    if length:
+        header["length"] = length
+    header["dtype"] = dtype
+    header["shape"] = [length, hidden]
+    return msgpack.packb(header)
 
 
 @dataclass(frozen=True)

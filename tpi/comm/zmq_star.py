@@ -5,7 +5,12 @@ protocol version, manifest digest), the star allreduce (sum in float32 in fixed 
 0's partial first, then one tensor back to everyone), receive timeouts, and noticing a lost peer
 (a disconnect seen by the socket monitor is traced to a rank by probing each worker). Does not
 know: the model, generation, tokenizers. Messages are checked by ``wire.decode``; anything that
-fails is logged and dropped, never raised into the model from a stranger's frame.
+fails is logged and dropped, never raised into the model from a stranger's frame. The allreduce's
+hot path checks a partial or a sum by comparing its header with the exact bytes expected (kind,
+tag, dtype, shape: one comparison) and its frame's size, and reads the tensor where ZeroMQ put it;
+anything else still goes through ``wire.decode``. With a ring, tree or gloo collective (see
+collectives.py, set up by a PEERS message before the first step) the star carries the control
+messages only and hands ``all_reduce`` to that collective.
 """
 
 from __future__ import annotations
@@ -14,16 +19,23 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from tpi.comm import collectives, wire
 from tpi.comm.base import CommError, MasterLost, PeerLost, Shutdown, StepAborted
+from tpi.comm.cost import Link, choose, measure_link
+from tpi.comm.links import Links
+from tpi.comm.payload import Payload
 from tpi.comm.security import Curve, secure_client, secure_server
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, Tag, WireError, decode, encode
+from tpi.config import ConfigError
 
 
 class FileServer(Protocol):
@@ -31,6 +43,11 @@ class FileServer(Protocol):
 
 
 log = logging.getLogger("tpi.comm")
+HOT_WAIT_MS = 200  # the allreduce blocks in recv this long before it looks at disconnects and deadlines
+RCVMORE, SNDMORE = int(zmq.RCVMORE), int(zmq.SNDMORE)  # plain ints: no enum arithmetic per call
+# msgpack writes the kind as the first entry, {"k": 5}: a REDUCED header is a PARTIAL one with this
+# byte changed (were it ever not so, sums would take the full decode: slower, still correct)
+_PARTIAL_KEY, _REDUCED_KEY = b"\xa1k" + bytes([Kind.PARTIAL]), b"\xa1k" + bytes([Kind.REDUCED])
 
 
 def _identity(rank: int) -> bytes:
@@ -50,6 +67,36 @@ def _socket(ctx: zmq.Context, kind: int, lost_timeout: float) -> zmq.Socket:
     return s
 
 
+def _drain(sock: zmq.Socket) -> list[zmq.Frame]:
+    """The rest of a multipart message whose first frames were read."""
+    rest = []
+    while sock.getsockopt(RCVMORE):
+        rest.append(sock.recv(copy=False))
+    return rest
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array (any dtype; numpy has no bfloat16)."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def _tensor_from(data: np.ndarray, payload: Payload | None, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """Received bytes (a fresh or a kept buffer, uint8) as a tensor of `dtype` and `shape`."""
+    raw = torch.from_numpy(data)
+    if payload is None:
+        return raw.view(dtype).view(shape)
+    return payload.decode(raw, shape.numel()).view(shape).to(dtype)
+
+
+def _to_wire(acc: torch.Tensor, payload: Payload | None, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """The sum as every rank will have it (the payload's rounding included) and its bytes."""
+    if payload is None:
+        out = acc.to(dtype)
+        return out, _bytes_of(out)
+    data = payload.encode(acc.reshape(-1))
+    return payload.decode(data, acc.numel()).view(acc.shape).to(dtype), data.numpy()
+
+
 class StarMaster:
     """Rank 0's side of the star. `bind` may name port 0; `address` gives the port chosen."""
 
@@ -57,13 +104,27 @@ class StarMaster:
 
     def __init__(self, bind: str, world_size: int, digest: str, hidden: int, dtype: torch.dtype,
                  num_layers: int, step_timeout: float = 60.0, files: FileServer | None = None,
-                 lost_timeout: float = 3.0, curve: Curve | None = None):
+                 lost_timeout: float = 3.0, curve: Curve | None = None, collective: str = "star",
+                 payload: str | None = None):
         self.world_size, self.digest, self.step_timeout = world_size, digest, step_timeout
+        self.payload = collectives.check_options(collective, payload)  # None: partials in the model's dtype
+        if curve is not None and collective != "star":
+            raise ConfigError(f"collective {collective!r} runs over links without CURVE: use the star with keys")
+        self.collective_name, self.chosen, self.collective = collective, "star", None
+        self.hidden, self.dtype = hidden, dtype
+        self._coll_links: Links | None = None
+        self._coll_addr: dict[int, str] = {}  # worker rank -> its collective address (HELLO "coll")
+        self._coll_stale = collective != "star" or payload is not None  # set up before the next step
+        self._rx_store: dict[int, np.ndarray] = {}  # worker rank -> receive buffer for its partials
+        self._rx: dict[int, np.ndarray] = {}
+        self._rx32: dict[int, np.ndarray] = {}
+        self._rx_key: tuple = ()
         self.files = files  # answers workers that fetch their shards before joining
         self.ctx = zmq.Context()
         self.sock = _socket(self.ctx, zmq.ROUTER, lost_timeout)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        self.sock.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
         self.auth = secure_server(self.ctx, self.sock, curve) if curve else None
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -80,7 +141,7 @@ class StarMaster:
         self.refused = 0  # messages refused and logged: malformed, from strangers, bad joins or shard requests
         self.allreduce_s, self.allreduce_calls = 0.0, 0
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
-                                        Kind.GET_CHUNK, Kind.BYE}), hidden, dtype, max_layer=num_layers)
+                                        Kind.GET_CHUNK, Kind.BYE, Kind.ECHO}), hidden, dtype, max_layer=num_layers)
 
     # -- joining -------------------------------------------------------------------------------
     def wait_for_workers(self, timeout: float, check: Callable[[], None] | None = None) -> None:
@@ -129,6 +190,8 @@ class StarMaster:
         self.peers[ident] = rank
         self.hosts[rank] = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
         self.pids[rank] = info.get("pid")
+        self._coll_addr[rank] = str(info.get("coll", ""))
+        self._coll_stale = self.collective_name != "star" or self.payload is not None
         rejoined = self.lost.pop(rank, None) is not None
         self._send(ident, Message(Kind.WELCOME))
         log.log(logging.WARNING if rejoined else logging.INFO, "rank %d %s from %s", rank,
@@ -137,24 +200,190 @@ class StarMaster:
     # -- the collective ------------------------------------------------------------------------
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         t0 = time.perf_counter()
-        parts: dict[int, torch.Tensor] = {0: partial}
-        deadline = time.monotonic() + self.step_timeout
-        while len(parts) < self.world_size:
-            self._check_alive()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                silent = sorted(set(range(1, self.world_size)) - set(parts))
-                raise self._lose(silent[0], f"sent no partial for layer {tag.layer} within {self.step_timeout:.0f}s")
-            self._poll_once(left, tag, parts)
-        acc = parts[0].to(torch.float32, copy=True)
-        for r in range(1, self.world_size):  # fixed rank order: deterministic bytes
-            acc += parts[r]
-        out = acc.to(partial.dtype)
-        self.broadcast(Message(Kind.REDUCED, tag.seq, tag.step, tag.layer, tag.phase, length=out.shape[0],
-                               tensor=out))
-        self.allreduce_s += time.perf_counter() - t0
-        self.allreduce_calls += 1
+        try:
+            if self.collective is not None:
+                return self.collective.all_reduce(partial, tag)
+            return self._star_all_reduce(partial, tag)
+        finally:
+            self.allreduce_s += time.perf_counter() - t0
+            self.allreduce_calls += 1
+
+    def _star_all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
+        """Sum in float32 in fixed rank order, rank 0 first, each worker's partial added as soon as
+        it and every lower rank's are in; then the sum, encoded once, to every worker."""
+        self._check_alive()
+        shape = partial.shape  # [L, D]
+        label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
+        want = wire.tensor_header(Kind.PARTIAL, tag, shape[0], label, shape[1])  # kind, tag, dtype, shape
+        plain = label == "float32" and partial.dtype == torch.float32  # numpy all the way: least work per call
+        sink = partial.numpy().astype(np.float32) if plain else partial.to(torch.float32, copy=True).numpy()
+        rx, rx32 = self._rx_buffers(self.payload.nbytes(sink.size) if self.payload else partial.nbytes, shape)
+        acc, header = torch.from_numpy(sink), want.replace(_PARTIAL_KEY, _REDUCED_KEY, 1)  # tensor_header(REDUCED)
+        arrived: set[int] = set()
+        nxt, deadline = 1, time.monotonic() + self.step_timeout
+        while nxt < self.world_size:
+            rank = self._recv_partial(want, rx, nxt, arrived, tag, deadline)
+            if rank is not None:
+                arrived.add(rank)
+            while nxt in arrived:  # fixed rank order: deterministic bytes
+                if label == "float32":
+                    np.add(sink, rx32[nxt], out=sink)
+                else:
+                    np.add(sink, _tensor_from(rx[nxt], self.payload, partial.dtype, shape).float().numpy(), out=sink)
+                nxt += 1
+        if label == "float32":
+            out, body = (acc if plain else acc.to(partial.dtype)), sink
+        else:
+            out, body = _to_wire(acc, self.payload, partial.dtype)
+        self._send_sum(header, body)
+        self._check_alive()
         return out
+
+    def _send_sum(self, header: bytes, body: np.ndarray) -> None:
+        """The sum to every worker still here: identity, header, tensor (not copied when large)."""
+        sock = self.sock
+        for ident, rank in self.peers.items():
+            if rank not in self.lost:
+                try:
+                    sock.send(ident, SNDMORE)  # ROUTER_MANDATORY: a gone peer raises here, nothing is sent
+                    sock.send(header, SNDMORE)
+                    sock.send(body, copy=False)
+                except zmq.ZMQError as e:
+                    self.lost.setdefault(rank, f"connection closed ({e.strerror})")
+
+    def _recv_partial(self, want: bytes, rx: dict[int, np.ndarray], nxt: int, arrived: set[int], tag: Tag,
+                      deadline: float) -> int | None:
+        """Receive one message. A partial of this step from a worker still awaited lands in that
+        rank's buffer and its rank is returned; anything else is handled off the hot path."""
+        sock = self.sock
+        try:
+            ident = sock.recv()
+        except zmq.Again:  # quiet for HOT_WAIT_MS: disconnects, probes, the deadline
+            self._off_path(None, tag, rx, nxt, arrived, deadline)
+            return None
+        rank, head = self.peers.get(ident), None
+        if rank is not None and nxt <= rank and rank not in arrived and sock.getsockopt(RCVMORE):
+            head = sock.recv()
+            if head == want and sock.getsockopt(RCVMORE) and rank not in self.lost:
+                got = sock.recv_into(rx[rank])  # a third frame, if any, is refused as a message of its own
+                if got == len(rx[rank]):
+                    return rank
+                self.refused += 1
+                log.warning("refused a partial from rank %d: %d bytes, expected %d", rank, got, len(rx[rank]))
+                return None
+        frames = [zmq.Frame(ident), *([] if head is None else [zmq.Frame(head)]), *_drain(sock)]
+        self._off_path(frames, tag, rx, nxt, arrived, deadline)
+        return None
+
+    def _off_path(self, frames: list | None, tag: Tag, rx: dict[int, np.ndarray], nxt: int, arrived: set[int],
+                  deadline: float) -> None:
+        """Anything but a well-formed partial of this step, or a quiet spell: the full decode,
+        disconnects and probes, the deadline."""
+        got: dict[int, torch.Tensor] = {}
+        if frames:
+            self._dispatch(frames, tag, got)
+        else:
+            self._poll_once(0, tag, got)
+        for r, t in got.items():  # a partial that only the full decode accepted
+            if r >= nxt and r not in arrived:
+                rx[r][:] = _bytes_of(t)
+                arrived.add(r)
+        self._check_alive()
+        if time.monotonic() > deadline:
+            silent = sorted(set(range(nxt, self.world_size)) - arrived)
+            raise self._lose(silent[0], f"sent no partial for layer {tag.layer} within {self.step_timeout:.0f}s")
+
+    def _rx_buffers(self, nbytes: int, shape: torch.Size) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Each worker's receive buffer of `nbytes` (uint8) and, for float32, the same memory as
+        [L, D]; kept between calls, grown when a step needs more."""
+        key = (nbytes, shape)
+        if self._rx_key != key:
+            if not self._rx_store or any(len(b) < nbytes for b in self._rx_store.values()):
+                self._rx_store = {r: np.empty(nbytes, dtype=np.uint8) for r in range(1, self.world_size)}
+            self._rx = {r: b[:nbytes] for r, b in self._rx_store.items()}
+            whole = nbytes == 4 * shape.numel()
+            self._rx32 = {r: b.view(np.float32).reshape(tuple(shape)) for r, b in self._rx.items()} if whole else {}
+            self._rx_key = key
+        return self._rx, self._rx32
+
+    # -- a collective other than the star, or a payload other than the model's dtype -------------
+    def _setup_collective(self) -> None:
+        """Before the first step after a (re)join: choose the collective (`auto`: by the cost model
+        from measured links), send every worker PEERS (the choice, the payload, each rank's address
+        for it), and connect. Workers build theirs on PEERS, before the STEP that follows."""
+        self._close_collective()
+        name, n = self.collective_name, self.hidden
+        if name == "auto":
+            link = self._measure()
+            nbytes = self.payload.nbytes(n) if self.payload else n * self.dtype.itemsize  # one token's hidden state
+            name = choose(self.world_size, nbytes, link)
+            log.warning("collective auto: %s for links of %.0f us and %.3g GB/s", name, link.alpha_s * 1e6,
+                        link.bandwidth / 1e9)
+        addresses = [""] * self.world_size
+        if name in collectives.LINKED:
+            missing = [r for r in range(1, self.world_size) if not self._coll_addr.get(r)]
+            if missing:
+                raise CommError(f"worker rank(s) {missing} have no link for the {name} collective "
+                                "(started with --collective star?)")
+            if self._coll_links is None:
+                host = collectives.host_of(self.address)
+                wild = host in ("0.0.0.0", "*", "::")
+                self._coll_links = Links(0, self.world_size, host, self.step_timeout,
+                                         advertise=collectives.ANY_HOST if wild else None)
+            addresses = [self._coll_links.address] + [self._coll_addr[r] for r in range(1, self.world_size)]
+        peer = collectives.host_of(self._coll_addr.get(1, "")) if self._coll_addr.get(1) else ""
+        host = collectives.route_to(peer) if peer else collectives.host_of(self.address)
+        self.collective = collectives.build(name, 0, self.world_size, self.payload, self._coll_links, host,
+                                           self.step_timeout, self._watch)
+        if name == "gloo":
+            addresses = [self.collective.address] * self.world_size
+        self.broadcast(Message(Kind.PEERS, info=collectives.peers_info(name, self.payload, addresses)))
+        if self.collective is not None:
+            self.collective.connect(addresses)
+        self.chosen, self._coll_stale = name, False
+
+    def _watch(self) -> None:
+        """Called while a collective waits: notice lost workers and their errors."""
+        self._poll_once(0, None, {})
+        self._check_alive()
+
+    def _measure(self) -> Link:
+        """The slowest worker link: alpha and bandwidth fitted from ECHO round trips of one hidden
+        row and of about 512 KiB (tpi/comm/cost.py)."""
+        row = self.hidden * self.dtype.itemsize
+        large = max(2, (1 << 19) // row)
+        alpha, bandwidth = 0.0, float("inf")
+        for ident, rank in list(self.peers.items()):
+            if rank not in self.lost:
+                link = measure_link(lambda k, i=ident, r=rank: self._echo(i, r, max(1, k // row)), small=row,
+                                    large=large * row, repeats=10)
+                alpha, bandwidth = max(alpha, link.alpha_s), min(bandwidth, link.bandwidth)
+        return Link(alpha, bandwidth)
+
+    def _echo(self, ident: bytes, rank: int, rows: int) -> float:
+        """Seconds for `rows` hidden rows to go to worker `rank` and come back."""
+        t0 = time.perf_counter()
+        self._send(ident, Message(Kind.ECHO, length=rows, tensor=torch.zeros(rows, self.hidden, dtype=self.dtype)))
+        deadline = time.monotonic() + self.step_timeout
+        while time.monotonic() < deadline:
+            if not self.sock.poll(100):
+                self._check_alive()
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            if self.peers.get(frames[0].bytes) == rank:
+                try:
+                    msg = decode(frames[1:], self.expect)
+                    if msg.kind == Kind.ECHO and msg.length == rows:
+                        return time.perf_counter() - t0
+                except WireError:
+                    pass
+            self._dispatch(frames, None, {}, idle=True)
+        raise self._lose(rank, f"did not answer a link measurement within {self.step_timeout:.0f}s")
+
+    def _close_collective(self) -> None:
+        if self.collective is not None:
+            self.collective.close()
+            self.collective = None
 
     def gather_stats(self, timeout: float = 10.0) -> dict[int, dict]:
         """Each worker's counters (rank -> info), asked for and awaited with a timeout."""
@@ -183,14 +412,18 @@ class StarMaster:
             self._probe()
         if self.sock not in events:
             return bool(events)
-        frames = self.sock.recv_multipart(copy=False)
+        self._dispatch(self.sock.recv_multipart(copy=False), tag, parts, idle)
+        return True
+
+    def _dispatch(self, frames: list, tag: Tag | None, parts: dict[int, torch.Tensor], idle: bool = False) -> None:
+        """Handle one message of any kind, decoded and checked in full."""
         ident, body = frames[0].bytes, frames[1:]
         try:
             msg = decode(body, self.expect)
         except WireError as e:
             self.refused += 1
             log.warning("refused a message from %r: %s", ident[:32], e)
-            return True
+            return
         rank = self.peers.get(ident)
         if msg.kind == Kind.HELLO:
             self._welcome(ident, msg)
@@ -214,12 +447,13 @@ class StarMaster:
             raise CommError(f"rank {rank} ({self.hosts[rank]}) failed: {msg.info.get('message', '?')}")
         elif msg.kind == Kind.STATS_REPLY:
             self._stats[rank] = msg.info
+        elif msg.kind == Kind.ECHO:
+            log.info("dropped a late link measurement from rank %d", rank)
         elif tag is None or msg.tag != tag or rank in parts:
             log.log(logging.INFO if idle else logging.WARNING, "dropped a stale or out-of-order partial from rank "
                     "%d: %s, expected %s", rank, msg.tag, tag)
         else:
             parts[rank] = msg.tensor
-        return True
 
     def _probe(self) -> None:
         """A connection closed: find out whether it was a worker's. Sending to a peer whose pipe
@@ -240,9 +474,9 @@ class StarMaster:
         self.lost.setdefault(rank, why)
         return PeerLost(rank, f"worker rank {rank} ({self.hosts.get(rank, '?')}) is lost: {why}")
 
-    def _send(self, ident: bytes, msg: Message, quiet: bool = False) -> None:
+    def _send(self, ident: bytes, msg: Message | list, quiet: bool = False) -> None:
         try:
-            self.sock.send_multipart([ident, *encode(msg)], copy=False)
+            self.sock.send_multipart([ident, *(encode(msg) if isinstance(msg, Message) else msg)], copy=False)
         except zmq.ZMQError as e:
             rank = self.peers.get(ident)
             if rank is not None:
@@ -253,6 +487,8 @@ class StarMaster:
     def broadcast(self, msg: Message, check: bool = True) -> None:
         """Send to every worker; with `check`, raise PeerLost first if one is lost (a step cannot run),
         without it send to those still there (a CANCEL after a failure)."""
+        if msg.kind == Kind.STEP and self._coll_stale:
+            self._setup_collective()
         if check:
             self._check_alive()
         for ident, rank in self.peers.items():
@@ -280,6 +516,9 @@ class StarMaster:
     def close(self) -> None:
         for ident in list(self.peers):
             self._send(ident, Message(Kind.SHUTDOWN), quiet=True)
+        self._close_collective()
+        if self._coll_links is not None:
+            self._coll_links.close()
         self.monitor.close(0)
         self.sock.close(0)
         if self.auth is not None:
@@ -292,13 +531,20 @@ class StarWorker:
 
     def __init__(self, master: str, rank: int, world_size: int, digest: str, hidden: int,
                  dtype: torch.dtype, num_layers: int, step_timeout: float = 60.0, lost_timeout: float = 3.0,
-                 curve: Curve | None = None):
+                 curve: Curve | None = None, links: Links | None = None):
+        """`links`: this rank's bound point-to-point link, its address sent in HELLO, for a ring or
+        tree collective should the master choose one (tpi/comm/collectives.py)."""
         self.rank, self.world_size, self.step_timeout = rank, world_size, step_timeout
+        self.links, self.collective, self.payload = links, None, None
+        self.require: str | None = None  # a collective this worker insists on (None: the master's choice)
+        self._tag: Tag | None = None  # the collective in flight, for `_watch`
+        self._pending: deque[Message] = deque()  # control messages that came while a collective waited
         self.master, self.digest = master, digest
         self.ctx = zmq.Context()
         self.sock = _socket(self.ctx, zmq.DEALER, lost_timeout)
         self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        self.sock.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # back off up to 2 s while the master is away
         if curve is not None:
             secure_client(self.sock, curve)
@@ -308,7 +554,8 @@ class StarWorker:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.expect = Expect(frozenset({Kind.WELCOME, Kind.REFUSE, Kind.STEP, Kind.REDUCED, Kind.FREE,
-                                        Kind.CANCEL, Kind.SHUTDOWN, Kind.PING, Kind.STATS}), hidden, dtype,
+                                        Kind.CANCEL, Kind.SHUTDOWN, Kind.PING, Kind.STATS, Kind.PEERS,
+                                        Kind.ECHO}), hidden, dtype,
                              max_layer=num_layers)
         self.allreduce_s, self.allreduce_calls = 0.0, 0
 
@@ -316,7 +563,8 @@ class StarWorker:
         """Say HELLO until the master answers (it may start after us, or be restarting); repeated
         with back-off, a note every 10 s; `timeout` None: keep trying until it comes."""
         info = {"rank": self.rank, "protocol": PROTOCOL_VERSION, "digest": self.digest,
-                "pid": os.getpid(), "host": socket.gethostname()}
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "coll": self.links.address if self.links else ""}
         start = time.monotonic()
         next_hello, pause, note = start, 0.25, start + 10
         while True:
@@ -362,7 +610,10 @@ class StarWorker:
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise CommError(f"rank {self.rank}: nothing from the master within {timeout:.0f}s")
-            msg = self._recv(left)
+            msg = self._pending.popleft() if self._pending else self._recv(left)
+            if msg is not None and msg.kind in (Kind.PEERS, Kind.ECHO):
+                self._control(msg)
+                continue
             if msg is None or msg.kind in (Kind.PING, Kind.WELCOME, Kind.REDUCED):
                 continue  # a REDUCED here is left over from a cancelled step
             if msg.kind == Kind.SHUTDOWN:
@@ -378,15 +629,42 @@ class StarWorker:
             self.allreduce_calls += 1
 
     def _all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
-        self.sock.send_multipart(encode(Message(Kind.PARTIAL, tag.seq, tag.step, tag.layer, tag.phase,
-                                                length=partial.shape[0], tensor=partial)), copy=False)
+        if self.collective is not None:
+            self._tag = tag
+            return self.collective.all_reduce(partial, tag)
+        shape = partial.shape  # [L, D]
+        label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
+        plain = label == "float32" and partial.dtype == torch.float32
+        if plain:
+            body = partial.numpy()
+        elif self.payload is not None and label != wire.DTYPE_NAMES[partial.dtype]:
+            body = self.payload.encode(partial.reshape(-1).to(torch.float32)).numpy()
+        else:
+            body = _bytes_of(partial)
+        sock, header = self.sock, wire.tensor_header(Kind.PARTIAL, tag, shape[0], label, shape[1])
+        sock.send(header, SNDMORE)
+        sock.send(body if body.flags.c_contiguous else np.ascontiguousarray(body), copy=False)
+        want = header.replace(_PARTIAL_KEY, _REDUCED_KEY, 1)  # the sum comes back the same way
+        out = np.empty(shape, dtype=np.float32) if plain else np.empty(body.nbytes, dtype=np.uint8)
+        result = torch.from_numpy(out) if plain else None  # made before the wait: less work once the sum is here
         deadline = time.monotonic() + self.step_timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            msg = None
+            try:
+                head = sock.recv()
+            except zmq.Again:  # quiet for HOT_WAIT_MS: the master may be gone
+                msg = self._recv(0)
+            else:
+                if head == want and sock.getsockopt(RCVMORE):
+                    got = sock.recv_into(out)  # a third frame, if any, is refused as a message of its own
+                    if got == body.nbytes:
+                        return result if plain else _tensor_from(out, self.payload, partial.dtype, shape)
+                    log.warning("rank %d refused a sum of %d bytes, expected %d", self.rank, got, body.nbytes)
+                else:
+                    msg = self._decode([zmq.Frame(head), *_drain(sock)])
+            if time.monotonic() > deadline:
                 raise CommError(f"rank {self.rank}: no sum from the master for layer {tag.layer} "
                                 f"within {self.step_timeout:.0f}s")
-            msg = self._recv(left)
             if msg is None or msg.kind == Kind.PING:
                 continue
             if msg.kind == Kind.REDUCED and msg.tag == tag:
@@ -396,6 +674,52 @@ class StarWorker:
             if msg.kind in (Kind.CANCEL, Kind.FREE) and msg.seq == tag.seq:
                 raise StepAborted(f"rank {self.rank}: sequence {tag.seq} was cancelled")
             log.warning("rank %d dropped an unexpected %s during %s", self.rank, msg.kind.name, tag)
+
+    def _decode(self, frames: list) -> Message | None:
+        try:
+            return decode(frames, self.expect)
+        except WireError as e:
+            log.warning("rank %d refused a message from the master: %s", self.rank, e)
+            return None
+
+    def _control(self, msg: Message) -> None:
+        """ECHO: send it straight back. PEERS: build and connect the collective the master chose."""
+        if msg.kind == Kind.ECHO:
+            self.sock.send_multipart(encode(Message(Kind.ECHO, length=msg.length, tensor=msg.tensor)))
+            return
+        name, self.payload, addresses = collectives.parse_peers(msg.info, self.world_size)
+        collectives.check_choice(self.require, name)
+        if self.collective is not None:
+            self.collective.close()
+        master_host = collectives.host_of(self.master)
+        addresses = [collectives.resolve(a, master_host) for a in addresses]
+        host = collectives.host_of(self.links.address) if self.links else collectives.route_to(master_host)
+        self.collective = collectives.build(name, self.rank, self.world_size, self.payload, self.links, host,
+                                           self.step_timeout, self._watch)
+        if self.collective is not None:
+            self._tag = None
+            self.collective.connect(addresses)
+
+    def _watch(self) -> None:
+        """Called while a collective waits: the master may cancel the step, stop us, or be gone;
+        other control messages wait in `_pending` for `receive`."""
+        while True:
+            if self.monitor.poll(0):
+                parse_monitor_message(self.monitor.recv_multipart())
+                raise MasterLost(f"rank {self.rank}: lost the connection to the master at {self.master}")
+            if not self.sock.poll(0):
+                return
+            msg = self._decode(self.sock.recv_multipart(copy=False))
+            if msg is None or msg.kind == Kind.PING:
+                continue
+            if msg.kind == Kind.SHUTDOWN:
+                raise Shutdown(f"rank {self.rank}: the master asked us to stop")
+            if msg.kind in (Kind.CANCEL, Kind.FREE) and self._tag is not None and msg.seq == self._tag.seq:
+                raise StepAborted(f"rank {self.rank}: sequence {msg.seq} was cancelled")
+            if msg.kind == Kind.ECHO:
+                self._control(msg)
+            else:
+                self._pending.append(msg)
 
     def broadcast(self, msg: Message) -> None:
         raise CommError("only the master broadcasts")
@@ -415,6 +739,10 @@ class StarWorker:
             pass
 
     def close(self) -> None:
+        if self.collective is not None:
+            self.collective.close()
+        if self.links is not None:
+            self.links.close()
         self.monitor.close(0)
         self.sock.close(0)
         self.ctx.term()
