@@ -262,7 +262,7 @@ class StarMaster:
             self._off_path(None, tag, rx, nxt, arrived, deadline)
             return None
         rank, head = self.peers.get(ident), None
-        if rank is not None and nxt <= rank and rank not in arrived and sock.getsockopt(RCVMORE):
+        if rank is not None and nxt <= rank and rank not in arrived:  # ROUTER: an identity has a frame after it
             head = sock.recv()
             if head == want and sock.getsockopt(RCVMORE) and rank not in self.lost:
                 got = sock.recv_into(rx[rank])  # a third frame, if any, is refused as a message of its own
@@ -655,8 +655,8 @@ class StarWorker:
             except zmq.Again:  # quiet for HOT_WAIT_MS: the master may be gone
                 msg = self._recv(0)
             else:
-                if head == want and sock.getsockopt(RCVMORE):
-                    got = sock.recv_into(out)  # a third frame, if any, is refused as a message of its own
+                if head == want:  # only the master reaches this DEALER, and it sends header + tensor
+                    got = sock.recv_into(out)
                     if got == body.nbytes:
                         return result if plain else _tensor_from(out, self.payload, partial.dtype, shape)
                     log.warning("rank %d refused a sum of %d bytes, expected %d", self.rank, got, body.nbytes)
