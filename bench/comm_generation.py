@@ -69,12 +69,12 @@ def decode_comm(cluster, ids: list[int], tokens: int) -> tuple[list[float], floa
 def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
     from tpi import LocalCluster
 
-    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
-    floor = bare_floor_s(hidden, 3, args.rounds)
+    layers, hidden, world = cfg["num_hidden_layers"], cfg["hidden_size"], args.world_size
+    floor = bare_floor_s(hidden, world, args.rounds)
     rows: dict[str, dict[str, list[float]]] = {c: {"r0": [], "min": [], "tok": []} for c in args.collectives}
     with ExitStack() as stack:
-        clusters = {c: stack.enter_context(LocalCluster(path, world_size=3, collective=c, cache_dir=args.cache_dir))
-                    for c in args.collectives}
+        clusters = {c: stack.enter_context(LocalCluster(path, world_size=world, collective=c,
+                                                        cache_dir=args.cache_dir)) for c in args.collectives}
         for c in clusters.values():
             c.generate_full(ids, 4, ignore_eos=True)  # warm-up
         names = list(clusters)
@@ -87,7 +87,7 @@ def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
                 print(f"round {rnd + 1} {name}: comm {1000 * per_rank[0]:.1f} ms/token (rank 0)", file=sys.stderr)
     floor_tok = 2 * layers * floor
     med = statistics.median
-    lines = [f"## 1. Loopback, 3 ranks: communication per decoded token (floor {1000 * floor_tok:.2f} ms = 2 x "
+    lines = [f"## 1. Loopback, {world} ranks: communication per decoded token (floor {1000 * floor_tok:.2f} ms = 2 x "
              f"{layers} layers x {1e6 * floor:.0f} µs, one bare-star allreduce of {hidden} float32)", "",
              "| collective | ms/token (decode) | comm ms/token, rank 0 | comm ms/token, least rank | least / floor |",
              "|---|---:|---:|---:|---:|"]
@@ -186,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--collectives", default=",".join(COLLECTIVES))
     p.add_argument("--payloads", default=",".join(PAYLOADS))
+    p.add_argument("--world-size", type=int, default=3, help="ranks in part 1 (default %(default)s)")
+    p.add_argument("--skip-payloads", action="store_true", help="leave part 2 out")
     p.add_argument("--emulate", action="store_true", help="part 3: needs root and iproute2")
     p.add_argument("--delays", default="1,5", help="one-way delays in ms for --emulate (default %(default)s)")
     p.add_argument("--cache-dir", help="where the per-world-size splits are kept (default: tpi's cache)")
@@ -215,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{cfg['hidden_size']}, float32)\n\n{platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"1 torch thread per rank; {args.tokens} tokens per generation, medians of {args.rounds} rounds.")
     t0 = time.monotonic()
-    parts = [head, part_loopback(args, path, ids, cfg), part_payloads(args, path, ids, model)]
+    parts = [head, part_loopback(args, path, ids, cfg)]
+    if not args.skip_payloads:
+        parts.append(part_payloads(args, path, ids, model))
     parts.append(part_emulate(args, cfg) if args.emulate else
                  "## 3. `tpi emulate`: not measured in this run (pass --emulate; needs root)")
     text = "\n\n".join(parts) + "\n"

@@ -362,8 +362,9 @@ class StarMaster:
 
     def _echo(self, ident: bytes, rank: int, rows: int) -> float:
         """Seconds for `rows` hidden rows to go to worker `rank` and come back."""
+        msg = Message(Kind.ECHO, length=rows, tensor=torch.zeros(rows, self.hidden, dtype=self.dtype))
         t0 = time.perf_counter()
-        self._send(ident, Message(Kind.ECHO, length=rows, tensor=torch.zeros(rows, self.hidden, dtype=self.dtype)))
+        self._send(ident, msg)
         deadline = time.monotonic() + self.step_timeout
         while time.monotonic() < deadline:
             if not self.sock.poll(100):
