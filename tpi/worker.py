@@ -65,7 +65,8 @@ def serve(opts: WorkerOptions) -> None:
         model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
     links = None if opts.curve is not None else collectives.worker_links(
-        opts.rank, manifest.plan.world_size, opts.master, opts.collective, opts.collective_host, opts.step_timeout)
+        opts.rank, manifest.plan.world_size, opts.master, opts.collective, opts.collective_host, opts.step_timeout,
+        cfg.hidden_size)
     comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
                       manifest.dtype, cfg.num_layers, opts.step_timeout, opts.lost_timeout, opts.curve, links=links)
     comm.require = opts.collective

@@ -104,8 +104,14 @@ def build(collective: str, rank: int, world_size: int, payload: Payload | None, 
     return None
 
 
+def max_frame(hidden: int) -> int:
+    """The largest frame a link accepts: a prefill chunk's partial (512 rows) with room to spare,
+    as the star's worker port."""
+    return max(1 << 20, 1024 * hidden * 8)
+
+
 def worker_links(rank: int, world_size: int, master: str, collective: str | None, advertise: str | None,
-                 timeout: float) -> Links | None:
+                 timeout: float, hidden: int) -> Links | None:
     """A worker's bound link, its address to go out in HELLO, should the master choose a ring or a
     tree; None with collective "star" (no port opened). Bound to loopback when the master is on
     loopback, else to every interface, advertised as `advertise` or this machine's route to the master."""
@@ -115,7 +121,7 @@ def worker_links(rank: int, world_size: int, master: str, collective: str | None
         return None
     host = advertise or route_to(host_of(master))
     bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
-    return Links(rank, world_size, bind, timeout, advertise=host)
+    return Links(rank, world_size, bind, timeout, advertise=host, max_frame=max_frame(hidden))
 
 
 def check_choice(required: str | None, chosen: str) -> None:

@@ -42,9 +42,10 @@ class Links:
     """One rank's end of its point-to-point links. `connect` takes every rank's `address`."""
 
     def __init__(self, rank: int, world_size: int, host: str = "127.0.0.1", timeout: float = 60.0,
-                 check: Callable[[], None] | None = None, advertise: str | None = None):
+                 check: Callable[[], None] | None = None, advertise: str | None = None, max_frame: int = 1 << 31):
         """Bind on `host` (an interface, 0.0.0.0 for all) at a port the OS picks; `address` names
-        `advertise` (the host peers reach us at) instead of `host` when given."""
+        `advertise` (the host peers reach us at) instead of `host` when given. A frame over
+        `max_frame` bytes closes its connection before anything is buffered."""
         if not 0 <= rank < world_size:
             raise CommError(f"rank {rank} is outside the world of {world_size} ranks")
         self.rank, self.world_size, self.timeout, self.check = rank, world_size, timeout, check
@@ -52,7 +53,7 @@ class Links:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVTIMEO, int(SLICE_S * 1000))
-        self.pull.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, max_frame)
         self.pull.bind(f"tcp://{host}:0")
         self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         if advertise is not None:

@@ -336,7 +336,8 @@ class StarMaster:
                 host = collectives.host_of(self.address)
                 wild = host in ("0.0.0.0", "*", "::")
                 self._coll_links = Links(0, self.world_size, host, self.step_timeout,
-                                         advertise=collectives.ANY_HOST if wild else None)
+                                         advertise=collectives.ANY_HOST if wild else None,
+                                         max_frame=collectives.max_frame(self.hidden))
             addresses = [self._coll_links.address] + [self._coll_addr[r] for r in range(1, self.world_size)]
         peer = collectives.host_of(self._coll_addr.get(1, "")) if self._coll_addr.get(1) else ""
         host = collectives.route_to(peer) if peer else collectives.host_of(self.address)
