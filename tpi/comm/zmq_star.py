@@ -124,8 +124,9 @@ class StarMaster:
         self.sock = _socket(self.ctx, zmq.ROUTER, lost_timeout)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
         # a frame is at most a prefill chunk's partial (512 rows; 1024 rows of 8 bytes leaves room):
-        # a stranger cannot make the master buffer gigabytes before anything checks them
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max(1 << 20, 1024 * hidden * 8))
+        # a stranger cannot make the master buffer gigabytes before anything checks them. Below
+        # 64 MiB frames reach tpi, which refuses and logs them; above, libzmq drops the connection
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max(64 << 20, 1024 * hidden * 8))
         self.sock.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
         self.auth = secure_server(self.ctx, self.sock, curve) if curve else None
         self.sock.bind(bind)
