@@ -52,6 +52,8 @@ BROKEN = [
     ({"window": 0}, "window: got 0"),
     ({"master": {"host": "a b"}}, "master.host: host='a b': expected a host name"),
     ({"wokers": []}, "wokers: unknown field"),
+    ({"collective": "mesh"}, "collective: got 'mesh'"),
+    ({"collective": "ring", "master": {"host": "10.0.0.1"}}, "collective: 'ring' links are not encrypted"),
     ([1, 2], "expected a mapping of settings, got list"),
 ]
 
@@ -173,6 +175,13 @@ def test_tpi_launch_runs_the_cluster_and_ctrl_c_stops_it(smollm2, tmp_path):
     assert "[rank 0@127.0.0.1]" in out and "[rank 1@localhost]" in out, out[-2000:]
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, alive
+
+
+def test_collective_and_payload_reach_the_master_command():
+    cfg = parse_cluster_config({"collective": "tree", "payload": "bfloat16", "workers": [{"rank": 1}]})
+    master = node_commands(cfg)[0].shell()
+    assert "--collective tree" in master and "--payload bfloat16" in master
+    assert "--collective" not in node_commands(parse_cluster_config({}))[0].shell()  # the default says nothing
 
 
 def test_launch_commands_carry_the_config():

@@ -147,6 +147,8 @@ class ClusterConfig(_Strict):
     step_timeout: float = Field(60.0, gt=0)
     join_timeout: float = Field(300.0, gt=0)
     link: Link | None = None  # emulated link (tpi emulate, docker-compose); ignored by tpi launch
+    collective: Literal["star", "ring", "tree", "gloo", "auto"] = "star"  # the allreduce (README: collectives)
+    payload: Literal["float32", "float16", "bfloat16", "q8", "q8_64"] | None = None  # None: the model's dtype
     master: MasterSpec = MasterSpec()
     workers: list[WorkerSpec] = []
     security: Security = Security()
@@ -158,6 +160,9 @@ class ClusterConfig(_Strict):
             raise ValueError(f"workers: ranks {ranks} must be 1..{len(self.workers)}, each once")
         if sum(n.ratio for n in self.nodes) <= 0:
             raise ValueError("ratio: at least one node needs a positive ratio")
+        if self.curve and self.collective != "star":
+            raise ValueError(f"collective: {self.collective!r} links are not encrypted; with CURVE (a host is not "
+                             f"loopback) use star, or set security.curve: false")
         if self.curve:
             missing = [name for name, n in zip(self.node_names, self.nodes) if n.public_key is None]
             if missing:

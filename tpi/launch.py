@@ -62,6 +62,10 @@ def node_commands(cfg: ClusterConfig) -> list[NodeCommand]:
     master += ["--world-size", str(cfg.world_size), "--ratios", ",".join(f"{r:g}" for r in cfg.ratios),
                "--dtype", cfg.dtype, "--wait-for-workers", "--bind", f"tcp://{m.bind}:{m.port}",
                "--host", m.http_host, "--port", str(m.http_port), *_node_flags(cfg, m)]
+    if cfg.collective != "star":
+        master += ["--collective", cfg.collective]
+    if cfg.payload is not None:
+        master += ["--payload", cfg.payload]
     if cfg.curve:
         master += ["--curve-key", cfg.key_file(0)]
         for w in cfg.nodes[1:]:
