@@ -163,17 +163,15 @@ def _memory(args):
                          args.gpu_memory_budget, args.split_ratio, verify_shards=args.verify_shards)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 def _curve(args, role: str, address: str):
     """CURVE settings from --curve-key/--master-key/--allow-key; plain TCP to another machine only
     with --insecure (and a warning)."""
+    from tpi.cluster_config import LOCAL_HOSTS
     from tpi.comm.security import Curve, KeyPair, check_public_key
 
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")  # tcp://[::1]:5555 -> ::1
     if args.curve_key is None:
-        if host not in LOOPBACK:
+        if host not in LOCAL_HOSTS:
             if not args.insecure:
                 raise ValueError(f"{address} is not loopback: give --curve-key (see `tpi keys`) to encrypt the "
                                  f"links, or --insecure for plain TCP")

@@ -16,23 +16,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tpi.config import ConfigError
+from tpi.comm.security import check_public_key
+from tpi.config import ConfigError, parse_bytes
 
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
 _RATE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)\s*", re.IGNORECASE)
 _HOST = re.compile(r"[A-Za-z0-9_.:\-\[\]]+")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
-
-
-def _size(value: str | int | None, name: str) -> str | int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    if isinstance(value, str) and _SIZE.fullmatch(value) and float(_SIZE.fullmatch(value).group(1)) > 0:
-        return value
-    raise ValueError(f"{name}={value!r}: expected bytes or a size such as 800MB, 2GB or 1.5GiB")
 
 
 class _Strict(BaseModel):
@@ -89,9 +80,7 @@ class Node(_Strict):
     @field_validator("public_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
-        if v is not None and not _Z85_KEY.fullmatch(v):
-            raise ValueError(f"public_key={v!r}: expected the 40-character key that `tpi keys` prints")
-        return v
+        return v if v is None else check_public_key(v, "public_key")
 
     @field_validator("host")
     @classmethod
@@ -110,7 +99,8 @@ class Node(_Strict):
     @field_validator("memory_budget", "gpu_memory_budget")
     @classmethod
     def _budget(cls, v, info):
-        return _size(v, info.field_name)
+        parse_bytes(v, info.field_name)  # the same parser the ranks use: what loads here runs there
+        return v
 
     @property
     def local(self) -> bool:

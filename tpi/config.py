@@ -10,6 +10,7 @@ must never import transformers.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,23 @@ SUPPORTED_ACTIVATIONS = ("silu",)
 
 class ConfigError(ValueError):
     """A model or cluster setting that tpi cannot honour; the message names the value."""
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str | None, name: str = "memory_budget") -> int | None:
+    """`2GB` = 2e9 bytes, `2GiB` = 2**30 * 2, a plain number is bytes; None means no limit.
+    `name` is the setting the error names."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"{name}={value}: expected a positive number of bytes")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{name}={value!r}: expected bytes or a size such as 800MB, 2GB or 1.5GiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 @dataclass(frozen=True)

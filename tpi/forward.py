@@ -9,7 +9,6 @@ Communicator), tokenizers, sampling, HTTP.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import psutil
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
-from tpi.config import ConfigError
+from tpi.config import ConfigError, parse_bytes
 from tpi.hetero import Splitter, is_projection, measure_ratio, share_bytes
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
@@ -28,22 +27,6 @@ from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_ra
 
 PREFILL_CHUNK = 512
 SPLIT_SLOTS = 3  # device buffers, one projection's GPU rows each: the one in use and the next ones' copies
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value: int | str | None) -> int | None:
-    """`2GB` = 2e9 bytes, `2GiB` = 2**30 * 2, a plain number is bytes; None means no limit."""
-    if value is None or isinstance(value, int):
-        if isinstance(value, int) and value <= 0:
-            raise ConfigError(f"memory_budget={value}: expected a positive number of bytes")
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"memory_budget={value!r}: expected bytes or a size such as 800MB, 2GB or 1.5GiB")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
-
-
 @dataclass(frozen=True)
 class MemoryOptions:
     memory_budget: int | str | None = None  # None: keep every block resident

@@ -7,6 +7,7 @@ sampling, HTTP. It imports no transformers code, to keep small devices' memory f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -59,8 +60,9 @@ def serve(opts: WorkerOptions) -> None:
     manifest = Manifest.load(shard_dir)
     if not 1 <= opts.rank < manifest.plan.world_size:
         raise CommError(f"rank {opts.rank} is not a worker rank of this split (1..{manifest.plan.world_size - 1})")
-    model = RankModel(shard_dir, manifest, opts.rank, opts.max_context, memory=opts.memory,
-                      threads=opts.threads)
+    # fetch_shards has just checked every file's sha256: RankModel checks the sizes, not the hashes again
+    memory = opts.memory if fetched is None else dataclasses.replace(opts.memory, verify_shards=False)
+    model = RankModel(shard_dir, manifest, opts.rank, opts.max_context, memory=memory, threads=opts.threads)
     if fetched is not None:
         model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
