@@ -9,7 +9,8 @@ import msgpack
 import pytest
 import torch
 
-from tpi.comm.wire import MAX_HEADER_BYTES, WITH_DATA, WITH_TENSOR, Expect, Kind, Message, WireError, decode, encode
+from tpi.comm.wire import (HOT, HOT_MAGIC, MAX_HEADER_BYTES, WITH_DATA, WITH_TENSOR, Expect, Kind, Message, WireError,
+                           decode, encode)
 
 HIDDEN = 4
 ANY = Expect(frozenset(Kind), hidden=HIDDEN, dtype=torch.float32, max_length=16, max_layer=2)
@@ -91,7 +92,7 @@ ONLY_STEP = Expect(frozenset({Kind.STEP}), hidden=HIDDEN)
 FREE = int(Kind.FREE)
 
 MALFORMED = [
-    ("random bytes", [b"\xc1\x00garbage"], ANY, "not valid msgpack"),
+    ("random bytes", [b"\xc7\x00garbage"], ANY, "not valid msgpack"),
     ("truncated msgpack", [msgpack.packb({"k": FREE, "seq": 3})[:-1]], ANY, "not valid msgpack"),
     ("bin value", frames({"k": int(Kind.HELLO), "info": {"a": b"xy"}}), ANY, "not valid msgpack"),
     ("non-map", frames([FREE, 1]), ANY, "must be a map, got list"),
@@ -132,10 +133,54 @@ MALFORMED = [
 ]
 
 
+
+
+def hot(kind: int = 5, phase: int = 0, code: int = 0, layer: int = 1, seq: int = 7, step: int = 3, start: int = 0,
+        length: int = 1, hidden: int = HIDDEN) -> bytes:
+    """A PARTIAL's binary header (one row of float32), with fields changed."""
+    return HOT.pack(HOT_MAGIC, kind, phase, code, layer, seq, step, start, length, hidden)
+
+
+MALFORMED += [  # the binary header of PARTIAL and REDUCED
+    ("hot truncated", [hot()[:-1], ROW], ANY, r"binary header of 39 bytes: expected 40"),
+    ("hot too long", [hot() + b"\0", ROW], ANY, r"binary header of 41 bytes: expected 40"),
+    ("hot unknown kind", [hot(kind=99), ROW], ANY, r"unknown message kind 99"),
+    ("hot kind not expected", [hot(), ROW], ONLY_STEP, r"unexpected message kind PARTIAL"),
+    ("hot for another kind", [hot(kind=int(Kind.STEP)), ROW], ANY, r"STEP must carry a msgpack header"),
+    ("msgpack for PARTIAL", frames(step_header(k=int(Kind.PARTIAL)), ROW), ANY, r"PARTIAL must carry the binary"),
+    ("hot phase 2", [hot(phase=2), ROW], ANY, r"field phase=2"),
+    ("hot layer beyond max", [hot(layer=2), ROW], ANY, r"field layer=2: the model has 2 layers"),
+    ("hot huge seq", [hot(seq=1 << 63), ROW], ANY, r"field seq=9223372036854775808"),
+    ("hot length beyond max", [hot(length=17), ROW], ANY, r"field length=17: exceeds the limit of 16"),
+    ("hot wrong dtype", [hot(code=2), ROW], ANY, r"dtype 'float16': expected float32"),
+    ("hot payload dtype", [hot(code=3), ROW], ANY, r"dtype 'q8': expected float32"),
+    ("hot unknown dtype", [hot(code=200), ROW], ANY, r"dtype 'code 200'"),
+    ("hot wrong hidden", [hot(hidden=5), ROW], ANY, r"shape \[1, 5\]: expected \[1, 4\]"),
+    ("hot wrong rows", [hot(length=2), ROW], ANY, r"tensor frame has 16 bytes.*needs 32"),
+    ("hot no tensor", [hot()], ANY, r"PARTIAL needs a tensor frame, got 0"),
+    ("hot three frames", [hot(), ROW, ROW], ANY, r"expected 1 or 2 frames, got 3"),
+]
+
+
 @pytest.mark.parametrize("name,wire,expect,match", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_raises_wire_error(name: str, wire: list, expect: Expect, match: str) -> None:
     with pytest.raises(WireError, match=match):
         decode(wire, expect)
+
+
+def test_hot_header_round_trip() -> None:
+    got = decode([hot(kind=int(Kind.REDUCED), phase=1, layer=1, seq=(1 << 62) - 1, step=9, start=4), ROW], ANY)
+    assert (got.kind, got.tag, got.start, got.length) == (Kind.REDUCED, (2**62 - 1, 9, 1, 1), 4, 1)
+    assert torch.equal(got.tensor, torch.zeros(1, HIDDEN))
+
+
+def test_hot_kinds_refuse_what_the_binary_header_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="PARTIAL carries a 2-d tensor and nothing else"):
+        encode(Message(Kind.PARTIAL, length=1, info={"a": 1}, tensor=torch.ones(1, HIDDEN)))
+    with pytest.raises(ValueError, match="REDUCED carries a 2-d tensor"):
+        encode(Message(Kind.REDUCED))
+    with pytest.raises(ValueError, match=r"seq, step and start must be in \[0, 2\*\*62\)"):
+        encode(Message(Kind.PARTIAL, seq=1 << 62, length=1, tensor=torch.ones(1, HIDDEN)))
 
 
 def test_unknown_fields_of_mixed_key_types() -> None:

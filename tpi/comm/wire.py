@@ -1,24 +1,28 @@
 """The cluster's message schema and wire format, defined once for every backend.
 
-A message is one msgpack header frame (a small map of plain values) and, for kinds that carry a
-tensor, one raw frame with the tensor's bytes; nothing is ever pickled. ``decode`` checks every
-field of every message (kind, types, ranges, dtype, shape, frame size) against what the receiver
-expects, so a malformed or hostile frame raises ``WireError`` instead of reaching the model.
-Does not know: sockets, ranks' roles, the model.
+A message is one header frame and, for kinds that carry a tensor, one raw frame with the tensor's
+bytes; nothing is ever pickled. The header is a small msgpack map of plain values, except for the
+allreduce's own messages (PARTIAL, REDUCED: two per layer per token), whose header is a fixed
+40-byte binary record (``HOT``) that starts with 0xC1, a byte msgpack never writes: it is built
+with one ``struct.pack`` and checked on the hot path with one bytes comparison (``tensor_header``).
+``decode`` checks every field of every message (kind, types, ranges, dtype, shape, frame size)
+against what the receiver expects, so a malformed or hostile frame raises ``WireError`` instead of
+reaching the model. Does not know: sockets, ranks' roles, the model.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PARTIAL and REDUCED carry the binary header
 MAX_HEADER_BYTES = 4096
 MAX_TEXT = 2048
 
@@ -56,15 +60,23 @@ WITH_DATA = {Kind.MANIFEST, Kind.CHUNK}  # a raw bytes frame, not a tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INT_FIELDS = ("seq", "step", "layer", "phase", "start", "length")
+MAX_INT = 1 << 62
+
+HOT_MAGIC = 0xC1  # "never used" in msgpack: no msgpack header starts with it
+HOT = struct.Struct("<BBBBIQQQII")  # magic kind phase dtype layer seq step start length hidden: 40 bytes
+HOT_KINDS = frozenset({5, 6})  # Kind.PARTIAL, Kind.REDUCED
+# dtype codes of the binary header: the model's dtypes and the payloads of payload.py
+HOT_DTYPES = ("float32", "bfloat16", "float16", "q8", "q8_64")
+HOT_CODES = {name: code for code, name in enumerate(HOT_DTYPES)}
 
 
 class WireError(ValueError):
     """A message that does not follow the schema; the text says which field and why."""
 
 
-@dataclass(frozen=True)
-class Tag:
-    """Identifies one collective: the sequence, its step, the layer and the block within it."""
+class Tag(NamedTuple):
+    """Identifies one collective: the sequence, its step, the layer and the block within it. A
+    named tuple: made twice per layer per token, it must cost next to nothing to build."""
 
     seq: int
     step: int
@@ -92,6 +104,8 @@ class Message:
 
 def encode(msg: Message) -> list:
     """-> [header bytes] or [header bytes, tensor buffer] (the tensor's memory, not a copy)."""
+    if msg.kind in HOT_KINDS:
+        return _encode_hot(msg)
     header: dict[str, Any] = {"k": int(msg.kind)}
     for name in INT_FIELDS:
         value = getattr(msg, name)
@@ -108,27 +122,30 @@ def encode(msg: Message) -> list:
     header["shape"] = list(t.shape)
     if t.numel() == 0:
         return [msgpack.packb(header), b""]
-    return [msgpack.packb(header), memoryview(t.view(torch.uint8).numpy()).cast("B")]
+    return [msgpack.packb(header), _memory(t)]
+
+
+def _memory(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+def _encode_hot(msg: Message) -> list:
+    """PARTIAL / REDUCED: the binary header and the tensor; they have no info and no data."""
+    if msg.tensor is None or msg.info or msg.data is not None or msg.tensor.dim() != 2:
+        raise ValueError(f"{msg.kind.name} carries a 2-d tensor and nothing else")
+    t = msg.tensor.contiguous()
+    if any(not 0 <= v < MAX_INT for v in (msg.seq, msg.step, msg.start)):
+        raise ValueError(f"{msg.kind.name}: seq, step and start must be in [0, 2**62)")
+    header = HOT.pack(HOT_MAGIC, msg.kind, msg.phase, HOT_CODES[DTYPE_NAMES[t.dtype]], msg.layer, msg.seq,
+                      msg.step, msg.start, msg.length, t.shape[1])
+    return [header, _memory(t)]
 
 
 def tensor_header(kind: Kind, tag: Tag, length: int, dtype: str, hidden: int) -> bytes:
-    """The exact header bytes `encode` writes for a tensor message [length, hidden] of `kind` and
-    `tag` (no start, no info). The star's hot path compares a received header with these bytes:
-    one comparison checks kind, tag, dtype and shape. `dtype` may name a payload (payload.py)."""
-    header: dict[str, Any] = {"k": int(kind)}  # the order and the omitted zeros of `encode`
-    if tag.seq:
-        header["seq"] = tag.seq
-    if tag.step:
-        header["step"] = tag.step
-    if tag.layer:
-        header["layer"] = tag.layer
-    if tag.phase:
-        header["phase"] = tag.phase
-    if length:
-        header["length"] = length
-    header["dtype"] = dtype
-    header["shape"] = [length, hidden]
-    return msgpack.packb(header)
+    """The exact header bytes `encode` writes for a PARTIAL or REDUCED [length, hidden] of `tag`
+    (start 0). The star's hot path compares a received header with these bytes: one comparison
+    checks kind, tag, dtype and shape. `dtype` may name a payload (payload.py's labels)."""
+    return HOT.pack(HOT_MAGIC, kind, tag.phase, HOT_CODES[dtype], tag.layer, tag.seq, tag.step, 0, length, hidden)
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,8 @@ def decode(frames: list, expect: Expect) -> Message:
     raw = _bytes(frames[0])
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(raw) and raw[0] == HOT_MAGIC:
+        return _decode_hot(raw, frames, expect)
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
     except Exception as e:  # msgpack raises several types for garbage
@@ -159,6 +178,8 @@ def decode(frames: list, expect: Expect) -> Message:
     if not all(isinstance(k, str) for k in header):
         raise WireError("unknown header fields: keys must be strings")
     kind = _kind(header.get("k"), expect)
+    if kind in HOT_KINDS:
+        raise WireError(f"{kind.name} must carry the binary header (0xC1...), not a msgpack one")
     values = {name: _int(header, name, expect) for name in INT_FIELDS}
     info = _info(header.get("info", {}))
     unknown = set(header) - {"k", "info", "dtype", "shape", *INT_FIELDS}
@@ -179,6 +200,23 @@ def decode(frames: list, expect: Expect) -> Message:
     elif len(frames) != 1:
         raise WireError(f"{kind.name} carries no tensor, got an extra frame")
     return Message(kind, info=info, tensor=tensor, data=data, **values)
+
+
+def _decode_hot(raw: bytes | memoryview, frames: list, expect: Expect) -> Message:
+    """The binary header of PARTIAL / REDUCED: every field checked as `decode` checks a map's."""
+    if len(raw) != HOT.size:
+        raise WireError(f"binary header of {len(raw)} bytes: expected {HOT.size}")
+    _, k, phase, code, layer, seq, step, start, length, hidden = HOT.unpack(raw)
+    kind = _kind(k, expect)
+    if kind not in HOT_KINDS:
+        raise WireError(f"{kind.name} must carry a msgpack header, not the binary one")
+    fields = {"seq": seq, "step": step, "layer": layer, "phase": phase, "start": start, "length": length}
+    values = {name: _int(fields, name, expect) for name in INT_FIELDS}
+    if len(frames) != 2:
+        raise WireError(f"{kind.name} needs a tensor frame, got {len(frames) - 1}")
+    name = HOT_DTYPES[code] if code < len(HOT_DTYPES) else f"code {code}"
+    tensor = _tensor({"dtype": name, "shape": [length, hidden]}, frames[1], length, expect)
+    return Message(kind, tensor=tensor, **values)
 
 
 def _bytes(frame) -> bytes | memoryview:
@@ -202,7 +240,7 @@ def _kind(value: Any, expect: Expect) -> Kind:
 
 def _int(header: dict, name: str, expect: Expect) -> int:
     value = header.get(name, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 62:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= MAX_INT:
         raise WireError(f"field {name}={value!r}: expected a non-negative integer")
     if name == "phase" and value not in (Phase.ATTN, Phase.FFN):
         raise WireError(f"field phase={value}: expected 0 (attention) or 1 (FFN)")

@@ -45,9 +45,7 @@ class FileServer(Protocol):
 log = logging.getLogger("tpi.comm")
 HOT_WAIT_MS = 200  # the allreduce blocks in recv this long before it looks at disconnects and deadlines
 RCVMORE, SNDMORE = int(zmq.RCVMORE), int(zmq.SNDMORE)  # plain ints: no enum arithmetic per call
-# msgpack writes the kind as the first entry, {"k": 5}: a REDUCED header is a PARTIAL one with this
-# byte changed (were it ever not so, sums would take the full decode: slower, still correct)
-_PARTIAL_KEY, _REDUCED_KEY = b"\xa1k" + bytes([Kind.PARTIAL]), b"\xa1k" + bytes([Kind.REDUCED])
+PARTIAL, REDUCED = int(Kind.PARTIAL), int(Kind.REDUCED)
 
 
 def _identity(rank: int) -> bytes:
@@ -222,11 +220,11 @@ class StarMaster:
         self._check_alive()
         shape = partial.shape  # [L, D]
         label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
-        want = wire.tensor_header(Kind.PARTIAL, tag, shape[0], label, shape[1])  # kind, tag, dtype, shape
+        want = wire.tensor_header(PARTIAL, tag, shape[0], label, shape[1])  # kind, tag, dtype, shape
         plain = label == "float32" and partial.dtype == torch.float32  # numpy all the way: least work per call
         sink = partial.numpy().astype(np.float32) if plain else partial.to(torch.float32, copy=True).numpy()
         rx, rx32 = self._rx_buffers(self.payload.nbytes(sink.size) if self.payload else partial.nbytes, shape)
-        acc, header = torch.from_numpy(sink), want.replace(_PARTIAL_KEY, _REDUCED_KEY, 1)  # tensor_header(REDUCED)
+        acc, header = torch.from_numpy(sink), wire.tensor_header(REDUCED, tag, shape[0], label, shape[1])
         arrived: set[int] = set()
         nxt, deadline = 1, time.monotonic() + self.step_timeout
         while nxt < self.world_size:
@@ -664,10 +662,10 @@ class StarWorker:
             body = self.payload.encode(partial.reshape(-1).to(torch.float32)).numpy()
         else:
             body = _bytes_of(partial)
-        sock, header = self.sock, wire.tensor_header(Kind.PARTIAL, tag, shape[0], label, shape[1])
+        sock, header = self.sock, wire.tensor_header(PARTIAL, tag, shape[0], label, shape[1])
         sock.send(header, SNDMORE)
         sock.send(body if body.flags.c_contiguous else np.ascontiguousarray(body), copy=False)
-        want = header.replace(_PARTIAL_KEY, _REDUCED_KEY, 1)  # the sum comes back the same way
+        want = wire.tensor_header(REDUCED, tag, shape[0], label, shape[1])  # the sum comes back the same way
         out = np.empty(shape, dtype=np.float32) if plain else np.empty(body.nbytes, dtype=np.uint8)
         result = torch.from_numpy(out) if plain else None  # made before the wait: less work once the sum is here
         deadline = time.monotonic() + self.step_timeout
