@@ -6,13 +6,16 @@ GPU budget holds a third of each rank's blocks, at world sizes 1 and 2, for
             used (split ratio 1, no prefetch), then computed there,
   stream    the same, but the next block's copy starts while this one computes (ratio 1, prefetch),
   split     the other blocks split by output rows: the CPU computes its share from host memory
-            while the GPU's share is copied over on a side stream (the next block's while this one
-            computes) and computed there; the ratio measured at start (the prediction),
+            on a worker thread while the GPU's share is copied over on a side stream (the next
+            block's while this one computes) and computed there; the ratio found at start by timing
+            the split path on synthetic blocks of the rank's shapes (the prediction),
   split@r   the same at fixed ratios r (the sweep), to compare the predicted ratio with the best.
 
 All configurations of a world size are alive at once and measured in rotating order, a round at a
-time; the table quotes medians over rounds. Also probes CPU, copy and concurrent bandwidth, and with
---profile times chosen settings in this process (world size 1) under torch.profiler. Prints a table
+time; the table quotes medians over rounds. Also probes CPU, copy and concurrent bandwidth, small
+copies beside weight copies and the CPU matmul in bf16 vs fp32;
+with --calibrate shows the start-up calibration's timings in this process, and
+with --profile times chosen settings in this process (world size 1) under torch.profiler. Prints a table
 and writes bench/out/gpu_split.md and bench/out/gpu_split.png. Does not know: tpi's internals beyond
 LocalCluster, MemoryOptions and (for --profile) RankModel.
 
@@ -40,6 +43,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from tpi.hetero import SPLIT_COUNTERS
 
 OUT = Path(__file__).resolve().parent / "out"
 BASELINES = ("cpu", "ondemand")
@@ -130,15 +135,20 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
         for name, cluster in live:
             stats = cluster.stats()
             rows.append({"world": world, "setting": name, "ms": statistics.median(ms[name]), "all_ms": ms[name],
-                         "ratio": stats[0]["split_ratio"], "gpu_blocks": sum(r["gpu_blocks"] for r in stats),
+                         "ratio": stats[0]["split_ratio"], "ratios": [r["split_ratio"] for r in stats],
+                         "gpu_blocks": sum(r["gpu_blocks"] for r in stats),
                          "host_blocks": sum(r["pinned_blocks"] + r["streamed_blocks"] for r in stats)})
+            ratios = "/".join(f"{r:.3g}" for r in rows[-1]["ratios"])
+            rows[-1]["split_ms_per_step"] = [{k: 1000 * r[f"split_{k}"] / max(1, r["steps"]) for k in SPLIT_COUNTERS}
+                                             for r in stats]
             print(f"  world {world} {name:>10}: {rows[-1]['ms']:7.1f} ms/token "
-                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {rows[-1]['ratio']:.2f}, "
-                  f"{rows[-1]['gpu_blocks']} GPU / {rows[-1]['host_blocks']} host blocks)", flush=True)
+                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}, "
+                  f"{rows[-1]['gpu_blocks']} GPU / {rows[-1]['host_blocks']} host blocks; rank 0 ms/step: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1]["split_ms_per_step"][0].items()) + ")", flush=True)
     return rows
 
 
-def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 512 << 20, repeats: int = 5) -> dict:
+def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """GB/s of a one-row CPU matmul over a weight, of a pinned host-to-device copy, and of both at
     once (each on its own weight): whether the two paths add up or share the host's memory."""
     import threading
@@ -176,32 +186,96 @@ def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 512 << 20, r
 
 
 
-def small_copy_latency(nbytes: int = 512 << 20, repeats: int = 50) -> dict:
-    """Microseconds for an 8 KB pinned host-to-device copy on one stream, alone and while another
-    stream copies a large buffer: whether small copies wait behind the weights' copies."""
+def small_transfer_latency(nbytes: int = 512 << 20, repeats: int = 50) -> dict:
+    """Microseconds for an 8 KB pinned copy each way (a projection's input to the host, the CPU's
+    rows back), alone and while a side stream copies weights to the GPU: whether the split's small
+    copies wait behind the weights' on a copy engine."""
     big_src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     big_dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    small_src, small_dst = torch.ones(8192, dtype=torch.uint8).pin_memory(), torch.empty(8192, dtype=torch.uint8,
-                                                                                         device="cuda")
-    side = torch.cuda.Stream()
+    host = torch.ones(2048, dtype=torch.float32).pin_memory()
+    dev, side = torch.ones(2048, device="cuda"), torch.cuda.Stream()
+    ways = {"h2d_copy": lambda: dev.copy_(host, non_blocking=True),
+            "d2h_copy": lambda: host.copy_(dev, non_blocking=True)}
 
-    def small() -> float:
+    def median_us(fn) -> float:
         t = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            small_dst.copy_(small_src, non_blocking=True)
+            fn()
             torch.cuda.current_stream().synchronize()
             t.append(time.perf_counter() - t0)
         return 1e6 * statistics.median(t)
 
-    small()
-    alone = small()
-    with torch.cuda.stream(side):
-        for _ in range(4):
-            big_dst.copy_(big_src, non_blocking=True)
-    busy = small()
-    side.synchronize()
-    return {"small_copy_us": alone, "small_copy_us_during_big_copy": busy}
+    out = {}
+    for name, fn in ways.items():
+        median_us(fn)
+        out[f"{name}_us"] = median_us(fn)
+        with torch.cuda.stream(side):
+            for _ in range(4):
+                big_dst.copy_(big_src, non_blocking=True)
+        out[f"{name}_us_during_weight_copy"] = median_us(fn)
+        side.synchronize()
+    return out
+
+
+def cpu_dtypes(threads: int, nbytes: int = 1 << 30, repeats: int = 3) -> dict:
+    """Billions of weights per second of a one-row CPU matmul in bfloat16 and in float32 (the CPU
+    half's speed with each dtype on this host's oneDNN), and of torch.mm into a preallocated output
+    as the split's worker runs it."""
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        rows = nbytes // (4096 * dtype.itemsize)
+        w, x = torch.randn(rows, 4096).to(dtype), torch.randn(1, 4096).to(dtype)
+        y = torch.empty(1, rows, dtype=dtype)
+        for name in ("linear", "mm_out"):
+            for i in range(repeats + 1):
+                if i == 1:  # after a warm-up
+                    t0 = time.perf_counter()
+                torch.nn.functional.linear(x, w) if name == "linear" else torch.mm(x, w.t(), out=y)
+            out[f"cpu_{name}_{str(dtype)[6:]}_Gweights_s"] = repeats * w.numel() / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def calibrate_inproc(args, dtype: torch.dtype) -> dict:
+    """tpi.hetero.calibrate on one attention and one FFN block of world size 1's shapes, at the
+    threads of world sizes 1 and 2: the synthetic split path's ms per walk at each ratio."""
+    from tpi.hetero import _synthetic_blocks, calibrate, time_split
+
+    h, inter, heads, kv, hd, _ = SHAPES[args.shape]
+    blocks = [{"q_proj.weight": (heads * hd, h), "k_proj.weight": (kv * hd, h), "v_proj.weight": (kv * hd, h),
+               "o_proj.weight": (h, heads * hd)},
+              {"gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter)}]
+    out = {}
+    for threads in (args.cores, args.cores // 2):
+        t0 = time.perf_counter()
+        r = calibrate(torch.device("cuda"), dtype, blocks, threads)
+        out[f"threads{threads}"] = r
+        print(f"calibrate ({threads} threads, {r['bytes'] / 1e6:.0f} MB, "
+              f"{time.perf_counter() - t0:.1f}s): best {r['ratio']:.3f}; ms per walk "
+              + ", ".join(f"{k:g}: {v:.2f}" for k, v in r["ms"].items()), flush=True)
+    host = _synthetic_blocks(blocks, dtype, True, 1 << 30)
+    for ratio in (0.3, 0.6):
+        counters: dict = {}
+        ms = 1000 * time_split(torch.device("cuda"), dtype, host, ratio, threads=args.cores, counters=counters)
+        print(f"synthetic walk over {sum(t.nbytes for b in host for t in b.values()) / 1e6:.0f} MB at {ratio}: "
+              f"{ms:.2f} ms, " + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in counters.items()), flush=True)
+    return out
+
+
+def _timed(m, comm, start: int, steps: int = 11) -> str:
+    """ms/token of `steps` decode steps of RankModel m from position `start`, and the split's
+    counters per token."""
+    from tpi.forward import run_layers
+
+    before, times = dict(m.split.counters) if m.split else {}, []
+    for pos in range(start, start + steps):
+        t0 = time.perf_counter()
+        m.logits(run_layers(m, comm, m.embed([7]), 1, pos, pos))
+        times.append(1000 * (time.perf_counter() - t0))
+    per = {k: 1000 * (v - before[k]) / steps for k, v in (m.split.counters if m.split else {}).items()}
+    return (f"ms/token median {statistics.median(times):.1f} (min {min(times):.1f})"
+            + "".join(f", {k[:-2]} {v:.1f} ms" for k, v in per.items()))
 
 
 def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
@@ -226,21 +300,19 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
         try:
             with torch.inference_mode():
                 m.logits(run_layers(m, comm, m.embed(list(range(100, 132))), 1, 0, 0)[-1:])
-                times = []
-                for step in range(1, 12):
-                    t0 = time.perf_counter()
-                    m.logits(run_layers(m, comm, m.embed([7]), 1, step, 31 + step))
-                    times.append(1000 * (time.perf_counter() - t0))
+                plain = _timed(m, comm, 32)
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    m.logits(run_layers(m, comm, m.embed([7]), 1, 12, 43))
+                    m.logits(run_layers(m, comm, m.embed([7]), 1, 43, 43))
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
             cuda = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
             tag = name.replace("@", "_")
             (OUT / f"profile_{tag}.txt").write_text(table + "\n" + cuda)
             prof.export_chrome_trace(str(OUT / f"trace_{tag}.json"))
-            print(f"profile {name}: ratio {m.split.ratio if m.split else 0:.2f}, {len(m.gpu_blocks)} GPU blocks, "
-                  f"ms/token median {statistics.median(times):.1f} (min {min(times):.1f})", flush=True)
-            print(table[:6000], flush=True)
+            cal = getattr(m, "calibration", None)
+            print(f"profile {name}: ratio {m.split.ratio if m.split else 0:.3f}, {len(m.gpu_blocks)} GPU blocks, "
+                  f"{plain}"
+                  + (f"; calibration ms per walk {cal['ms']}" if cal else ""), flush=True)
+            print(table[:3000], flush=True)
         finally:
             m.close()
             del m
@@ -270,6 +342,8 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="torch threads, shared by the ranks")
     ap.add_argument("--settings", default="cpu,ondemand,stream,split,sweep", help="which rows to run")
     ap.add_argument("--profile", default="", help="settings to profile in this process first (world 1)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="first time the split path in this process (tpi.hetero.calibrate)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     tmp = Path(tempfile.mkdtemp(prefix="tpi-gpu-bench-"))
@@ -280,8 +354,13 @@ def main() -> None:
         print(f"random Llama ({args.shape}): {n / 1e9:.2f}B parameters, {args.dtype}; GPU: {gpu}; "
               f"{args.cores} cores", flush=True)
         if torch.cuda.is_available():
-            probes = {**probe_bandwidth(dtype, args.cores), **small_copy_latency()}
+            probes = {**probe_bandwidth(dtype, args.cores), **small_transfer_latency(), **cpu_dtypes(args.cores)}
             print("probe: " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()), flush=True)
+            if args.calibrate:
+                OUT.mkdir(parents=True, exist_ok=True)
+                cal = calibrate_inproc(args, dtype)
+                (OUT / "gpu_split_calibrate.json").write_text(json.dumps(
+                    {k: {**v, "ms": {str(r): m for r, m in v["ms"].items()}} for k, v in cal.items()}, indent=1))
         if args.profile:
             profile_inproc(tmp / "model", tmp / "cache", args, block_bytes(tmp / "model", tmp / "cache", 1,
                                                                            args.dtype)[0] // 3)

@@ -9,7 +9,7 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import Splitter, measure_ratio, share_bytes
+from tpi.hetero import Splitter, calibrate, share_bytes
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -38,24 +38,27 @@ def _slot(blocks: list[dict], ratio: float) -> int:
 def test_splitter_pipeline_matches_linear(device, ratio, slots):
     """Blocks run in a cycle, the next one queued (its copies started) while the current one
     computes: every projection equals F.linear, norms arrive whole, the ring's slots are reused
-    correctly; a block out of the queued order is still right."""
+    correctly; a block out of the queued order is still right. gate and up share their input (its
+    CPU rows start together) except on odd steps, where each gets its own copy of it."""
     blocks = _blocks(3, pin=device == "cuda")
-    sp = Splitter(device, ratio, _slot(blocks, ratio), slots=slots)
     gen = torch.Generator().manual_seed(1)
-    for step in range(2 * len(blocks) + 1):
-        i = step % len(blocks) if step < 2 * len(blocks) else 1  # the last: not the block queued
-        w = sp.weights(i, blocks[i])
-        sp.upcoming((i + 1) % len(blocks), blocks[(i + 1) % len(blocks)])  # prefetch
-        x = torch.randn(3, 64, generator=gen)
-        h = w["gate_proj.weight"](x.to(device))
-        y = w["down_proj.weight"](torch.nn.functional.silu(h) * w["up_proj.weight"](x.to(device)))
-        sp.finish(i)
-        ref_h = torch.nn.functional.linear(x, blocks[i]["gate_proj.weight"], blocks[i]["gate_proj.bias"])
-        ref_u = torch.nn.functional.linear(x, blocks[i]["up_proj.weight"])
-        ref = torch.nn.functional.linear(torch.nn.functional.silu(ref_h) * ref_u, blocks[i]["down_proj.weight"])
-        assert_close(y.cpu(), ref, rel=1e-5)
-        assert torch.equal(w["post_attention_layernorm.weight"].cpu(), blocks[i]["post_attention_layernorm.weight"])
-        assert "gate_proj.bias" not in w  # folded into the split weight
+    with Splitter(device, ratio, _slot(blocks, ratio), slots=slots) as sp:
+        for step in range(2 * len(blocks) + 1):
+            i = step % len(blocks) if step < 2 * len(blocks) else 1  # the last: not the block queued
+            w = sp.weights(i, blocks[i])
+            sp.upcoming((i + 1) % len(blocks), blocks[(i + 1) % len(blocks)])  # prefetch
+            x = torch.randn(3, 64, generator=gen)
+            xd = x.to(device)
+            h = w["gate_proj.weight"](xd)
+            u = w["up_proj.weight"](xd if step % 2 == 0 else xd.clone())
+            y = w["down_proj.weight"](torch.nn.functional.silu(h) * u)
+            sp.finish(i)
+            ref_h = torch.nn.functional.linear(x, blocks[i]["gate_proj.weight"], blocks[i]["gate_proj.bias"])
+            ref_u = torch.nn.functional.linear(x, blocks[i]["up_proj.weight"])
+            ref = torch.nn.functional.linear(torch.nn.functional.silu(ref_h) * ref_u, blocks[i]["down_proj.weight"])
+            assert_close(y.cpu(), ref, rel=1e-5)
+            assert torch.equal(w["post_attention_layernorm.weight"].cpu(), blocks[i]["post_attention_layernorm.weight"])
+            assert "gate_proj.bias" not in w  # folded into the split weight
 
 
 def test_splitter_validates():
@@ -138,7 +141,11 @@ def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache):
         assert cluster.generate(ids, max_new_tokens=24) == ref
 
 
-def test_measured_ratio_is_a_fraction():
-    r = measure_ratio(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32,
-                      ((256, 128), (128, 256)), seconds=0.05)
-    assert 0 < r["ratio"] < 1 and r["cpu_bytes_per_s"] > 0 and r["copy_bytes_per_s"] > 0
+@pytest.mark.parametrize("device", DEVICES)
+def test_calibrated_ratio_is_the_fastest_timed(device):
+    blocks = [{"q_proj.weight": (64, 64), "k_proj.weight": (32, 64), "v_proj.weight": (32, 64),
+               "o_proj.weight": (64, 64)}, {"gate_proj.weight": (96, 64), "up_proj.weight": (96, 64),
+                                            "down_proj.weight": (64, 96)}]
+    r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 20, passes=1)
+    assert 0 <= r["ratio"] <= 1 and r["ms"][r["ratio"]] == min(r["ms"].values())
+    assert {0.0, 0.5, 1.0} <= set(r["ms"]) and r["bytes"] >= 1 << 20

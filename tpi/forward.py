@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError, parse_bytes
-from tpi.hetero import Splitter, is_projection, measure_ratio, share_bytes
+from tpi.hetero import SPLIT_COUNTERS, Splitter, calibrate, is_projection, share_bytes
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
@@ -91,12 +91,12 @@ class RankModel:
                              self.dtype, slots, self.device)
         specs = [block_spec(shard_dir, manifest, rank, layer, kind)
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
-        ratio = self._split_ratio(memory, specs)
+        ratio = self._split_ratio(memory, specs, threads)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, ratio)  # any block may end up on the host
         reserve = SPLIT_SLOTS * slot + small
         self.gpu_blocks = self._place_on_gpu(specs, memory, reserve) if self.device.type == "cuda" else {}
         all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
-        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS)
+        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads)
         self.prefetch = memory.gpu_prefetch
         self.index = {spec.key: i for i, spec in enumerate(specs)}
         self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
@@ -148,6 +148,7 @@ class RankModel:
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
             "split_ratio": self.split.ratio if self.split else 0.0,
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
+            **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
         }
 
@@ -169,14 +170,18 @@ class RankModel:
                 room -= spec.nbytes
         return chosen
 
-    def _split_ratio(self, memory: MemoryOptions, specs: list) -> float | None:
-        """The configured ratio; with a GPU and none configured, measured on this rank's projection
-        shapes (one attention and one FFN block); None: no split."""
+    def _split_ratio(self, memory: MemoryOptions, specs: list, threads: int) -> float | None:
+        """The configured ratio; with a GPU and none configured, the fastest one when the split path
+        is timed on this rank's projection shapes (one attention and one FFN block); None: no split."""
         ratio = memory.split_ratio
+        self.calibration: dict | None = None
         if ratio is None and self.device.type == "cuda":
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
-            shapes = [t.shape for s in firsts for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
-            ratio = measure_ratio(self.device, self.dtype, shapes)["ratio"]
+            blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
+                      for s in firsts]
+            if any(blocks):
+                self.calibration = calibrate(self.device, self.dtype, blocks, threads, SPLIT_SLOTS)
+                ratio = self.calibration["ratio"]
         if ratio is not None and not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")
         return ratio
@@ -190,6 +195,8 @@ class RankModel:
 
     def close(self) -> None:
         self.sched.close()
+        if self.split is not None:
+            self.split.close()
         if self.rank == 0:
             os.close(self._head_fd)
 

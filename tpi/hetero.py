@@ -1,31 +1,44 @@
 """CPU/GPU split compute for a device that has a GPU smaller than its share of the model.
 
 Owns: ``Splitter``, which runs host blocks' projections (and LM-head chunks) split by output rows
-between the CPU and an accelerator: the CPU computes rows [0, k) from host memory, the accelerator
-rows [k, out) from a copy that a side stream brings over from pinned memory into a ring of
-preallocated device slots, one projection per slot, in order of use and as far ahead as free slots
-allow (the next block's while this one computes). The block's activations stay on the accelerator:
-the CPU waits only for a projection's input, and the halves are joined there. Also
-``share_bytes`` (a slot's size and the small tensors kept on the accelerator, for the GPU budget)
-and ``measure_ratio`` (the ratio where CPU time equals copy time, both measured while the other
-runs). With the accelerator set to the CPU the same path runs entirely on the CPU, which is how CI
-tests it. Does not know: which blocks live where or which comes next (forward.py decides), the
-model math (layers.py calls a ``SplitWeight`` like a weight), the network.
+between the CPU and an accelerator: the CPU computes rows [0, k) from host memory on a worker
+thread, the accelerator rows [k, out) from a copy that a side stream brings over from pinned
+memory into a ring of preallocated device slots, one projection per slot, in order of use and as
+far ahead as free slots allow (the next block's while this one computes). The block's activations
+stay on the accelerator: when a projection's input is new, it is fetched to the host once and the
+CPU rows of every projection that shares it (q/k/v, gate/up) start at once on the worker, while
+this thread queues the accelerator's rows and then lands the CPU's rows in the same output (small
+asynchronous copies through pinned buffers: on an H200 host they wait ~3 us behind a weight copy,
+so they need no path of their own). Also ``share_bytes`` (a slot's size and the small
+tensors kept on the accelerator, for the GPU budget) and ``calibrate`` (the ratio: the split path
+itself timed on synthetic blocks of the rank's shapes over a grid of ratios). With the accelerator
+set to the CPU the same path runs entirely on the CPU, which is how CI tests it. Does not know:
+which blocks live where or which comes next (forward.py decides), the model math (layers.py calls a
+``SplitWeight`` like a weight), the network.
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# projections that take the same input, in order of use; the first one's output feeds the next group
+STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",), ("lm_head",))
 ALIGN = 256  # slot sizes are rounded up to this
+# seconds: the worker computing CPU rows; the launching thread waiting for an input, for CPU rows
+SPLIT_COUNTERS = ("cpu_s", "wait_input_s", "wait_cpu_s")
+HOST_BUFFERS = 8  # pinned buffers for the CPU's rows: a stage's (at most 3) and the next stage's
 
 
 def _aligned(n: int) -> int:
@@ -40,6 +53,11 @@ def gpu_rows(out: int, ratio: float) -> int:
 def is_projection(name: str) -> bool:
     """A projection's weight or bias ("q_proj.weight", "q_proj.bias"), as opposed to a norm."""
     return name.rsplit(".", 1)[0] in PROJECTIONS
+
+
+def _stage(name: str) -> tuple[str, ...]:
+    base = name.rsplit(".", 1)[0]
+    return next(s for s in STAGES if base in s)
 
 
 def _share_shape(name: str, shape: tuple[int, ...], ratio: float) -> tuple[int, ...]:
@@ -75,9 +93,58 @@ class _Staged:
     ready: torch.cuda.Event | None  # recorded on the copy stream after the copy
 
 
+class _HostRing:
+    """Host buffers (pinned with an accelerator) handed out in turn; an entry is handed out again
+    only after the event recorded at its last accelerator use."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self._host: list[torch.Tensor | None] = [None] * n
+        self._used = [torch.cuda.Event() for _ in range(n)] if self.cuda else []
+        self._next = 0
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+        """(entry, host buffer [shape])."""
+        i, n = self._next, math.prod(shape) * dtype.itemsize
+        self._next = (i + 1) % len(self._host)
+        if self.cuda:
+            self._used[i].synchronize()  # long done: the ring is a stage or two deep
+        if self._host[i] is None or self._host[i].nbytes < n:
+            self._host[i] = torch.empty(_aligned(n), dtype=torch.uint8, pin_memory=self.cuda)
+        return i, self._host[i][:n].view(dtype).view(shape)
+
+    def used(self, i: int) -> None:
+        """Entry i's accelerator read or write is queued on the compute stream."""
+        if self.cuda:
+            self._used[i].record(torch.cuda.current_stream(self.device))
+
+
+@dataclass
+class _Job:
+    """One projection on one input, started: the accelerator's rows queued into out[:, k:], the
+    CPU's on the worker into `host`, to land in out[:, :k]."""
+    out: torch.Tensor  # [L, out] on the accelerator
+    k: int
+    future: Future | None  # the worker's seconds, once `host` holds the CPU's rows
+    entry: int  # in the result ring
+    host: torch.Tensor | None  # [L, k], pinned
+
+
 def _order(w: Mapping[str, torch.Tensor]) -> list[str]:
     """A block's projection weights in the order layers.py uses them."""
     return [f"{p}.weight" for p in PROJECTIONS if f"{p}.weight" in w]
+
+
+def _cpu_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> float:
+    """x [L, in] @ w[k, in].T (+ b) into out [L, k]: the CPU's share, on the worker thread (in
+    inference mode, which is per thread: `out` may have been made under it). Returns its seconds."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if b is None:
+            torch.mm(x, w.t(), out=out)
+        else:
+            torch.addmm(b, x, w.t(), out=out)
+    return time.perf_counter() - t0
 
 
 class Splitter:
@@ -89,16 +156,21 @@ class Splitter:
     projections (unless ``upcoming`` queued them ahead) and gives its tensors for layers.py;
     ``upcoming(key, w)`` queues the next block's, so that their copies start while this block
     computes. Copies run on a side stream as far ahead as free slots allow; a slot is refilled once
-    the compute stream has read it (events, no host waits). Norms and biases are small: they stay
-    on the accelerator after their first use."""
+    the compute stream has read it (events, no host waits). The CPU's rows run on one worker thread
+    with `threads` torch threads (default: this thread's count, less one with an accelerator, whose
+    launches need a core). Norms and biases are small: they stay on the accelerator after their
+    first use. ``close`` (or ``with``) stops the worker."""
 
-    def __init__(self, device: str | torch.device, ratio: float, slot_bytes: int, slots: int = 3):
+    def __init__(self, device: str | torch.device, ratio: float, slot_bytes: int, slots: int = 3,
+                 threads: int | None = None):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"split ratio={ratio}: expected a number in [0, 1]")
         if slots < 1:
             raise ValueError(f"split slots={slots}: expected at least 1")
         self.device, self.ratio = torch.device(device), ratio
         self.cuda = self.device.type == "cuda"
+        threads = threads or torch.get_num_threads()
+        self.threads = max(1, threads - 1) if self.cuda and threads > 2 else threads
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.slots = [_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
                             torch.cuda.Event() if self.cuda else None) for _ in range(slots)]
@@ -107,11 +179,30 @@ class Splitter:
         self._todo: deque[tuple[tuple, torch.Tensor]] = deque()  # (item, host rows) not yet copied
         self._staged: deque[_Staged] = deque()  # copied or copying, not yet used
         self._small: dict[tuple, torch.Tensor] = {}  # (block key, name) -> norm or bias share on device
-        self._input: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # (on device, host copy)
+        self._current: dict[str, SplitWeight] = {}  # the block weights() gave last, by projection name
+        self._pool = ThreadPoolExecutor(1, "tpi-split-cpu", initializer=torch.set_num_threads,
+                                        initargs=(self.threads,))
+        self._inputs = _HostRing(2, self.device)  # a projection input fetched to the host
+        self._results = _HostRing(HOST_BUFFERS, self.device)  # the CPU's rows
+        self._fetched = torch.cuda.Event() if self.cuda else None
+        self._x: torch.Tensor | None = None  # the input whose stage is under way
+        self._xh: torch.Tensor | None = None  # its host copy
+        self._jobs: dict[tuple, _Job] = {}  # item -> its projection on _x, started
+        self.counters = dict.fromkeys(SPLIT_COUNTERS, 0.0)
 
     @property
     def nbytes(self) -> int:
         return sum(s.buffer.nbytes for s in self.slots)
+
+    def close(self) -> None:
+        self._drain()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Splitter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- queueing and copies -----------------------------------------------------------------------
     def upcoming(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
@@ -129,6 +220,7 @@ class Splitter:
 
     def _reset(self) -> None:
         """Forget what was queued (an abandoned step, a block out of the expected order)."""
+        self._drain()
         self._blocks.clear()
         self._todo.clear()
         self._staged.clear()
@@ -163,7 +255,8 @@ class Splitter:
             self._todo.append((item, rows))
             self._top_up()
         staged = self._staged.popleft()
-        self.wait(staged.ready)
+        if staged.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(staged.ready)  # no host wait
         return staged.view, staged.slot
 
     def release(self, slot: int) -> None:
@@ -198,42 +291,80 @@ class Splitter:
             if bias is not None and rows:
                 dev_bias = self._resident(key, f"{base}.bias", bias[len(bias) - rows:])
             out[name] = SplitWeight(self, (key, name), t, bias, rows, dev_bias)
+        self._current = {k: v for k, v in out.items() if isinstance(v, SplitWeight)}
         return out
 
     def finish(self, key: Hashable) -> None:
         """Block `key` is queued on the compute stream."""
         if self._blocks and self._blocks[0] == key:
             self._blocks.popleft()
-        self._input = (None, None)
+        self._drain()
 
-    # -- the two halves ----------------------------------------------------------------------------
-    def wait(self, event: torch.cuda.Event | None) -> None:
-        """Make the compute stream wait for a copy (no host wait)."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+    # -- the CPU's half ----------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Let the worker finish what it was given (results nobody asked for are dropped)."""
+        wait_all([j.future for j in self._jobs.values() if j.future is not None])
+        self._jobs.clear()
+        self._x = None
 
-    def host_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x on the accelerator -> the same values in host memory (waits for them); q/k/v and
-        gate/up share one input, which is fetched once."""
+    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the accelerator -> the same values in a pinned host buffer (waits for x only)."""
         if not self.cuda:
             return x
-        if self._input[0] is x:
-            return self._input[1]
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        _, host = self._inputs.get(tuple(x.shape), x.dtype)
         host.copy_(x, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        self._input = (x, host)
+        self._fetched.record(torch.cuda.current_stream(self.device))
+        t0 = time.perf_counter()
+        self._fetched.synchronize()
+        self.counters["wait_input_s"] += time.perf_counter() - t0
         return host
 
-    def host_linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """The CPU's rows: x [L, in] (on the accelerator) -> [L, rows of w] on the accelerator."""
-        xh = self.host_input(x)
-        out = torch.empty((xh.shape[0], w.shape[0]), dtype=xh.dtype, pin_memory=self.cuda)
-        if b is None:
-            torch.mm(xh, w.t(), out=out)
-        else:
-            torch.addmm(b, xh, w.t(), out=out)
-        return out.to(self.device, non_blocking=True) if self.cuda else out
+    def _start(self, sw: SplitWeight, x: torch.Tensor, xh: torch.Tensor) -> _Job:
+        """Projection `sw` on x (xh: its host copy): the CPU's rows to the worker, the
+        accelerator's queued on the compute stream."""
+        n, k = sw.weight.shape[0], sw.k
+        out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        future, entry, host = None, -1, None
+        if k:
+            entry, host = self._results.get((x.shape[0], k), x.dtype)
+            b = None if sw.bias is None else sw.bias[:k]
+            future = self._pool.submit(_cpu_rows, xh, sw.weight[:k], b, host)
+        if k < n:
+            rows, slot = self.take(sw.item, sw.weight[k:])
+            if sw.dev_bias is None:
+                torch.mm(x, rows.t(), out=out[:, k:])
+            else:
+                torch.addmm(sw.dev_bias, x, rows.t(), out=out[:, k:])
+            self.release(slot)
+        return _Job(out, k, future, entry, host)
+
+    def begin(self, sw: SplitWeight, x: torch.Tensor) -> _Job:
+        """Projection `sw` on x, started. A new x is fetched to the host once, and every projection
+        of the block that takes it (q/k/v, gate/up) starts at once, both halves: the worker gets
+        all their CPU rows back to back, and their slots free up as soon as their copies land."""
+        if self._x is not x:
+            self._drain()
+            self._x, self._xh = x, self._to_host(x)
+            for p in _stage(sw.item[1]) if self._current.get(sw.item[1]) is sw else ():
+                other = self._current.get(f"{p}.weight")
+                if other is not None:
+                    self._jobs[other.item] = self._start(other, x, self._xh)
+        job = self._jobs.pop(sw.item, None)
+        return job if job is not None else self._start(sw, x, self._xh)
+
+    def started(self, item: tuple) -> bool:
+        return item in self._jobs
+
+    def land(self, job: _Job) -> torch.Tensor:
+        """The projection's output [L, out] on the accelerator: waits for the CPU's rows and queues
+        their copy into it on the compute stream."""
+        if job.future is not None:
+            t0 = time.perf_counter()
+            self.counters["cpu_s"] += job.future.result()
+            self.counters["wait_cpu_s"] += time.perf_counter() - t0
+            job.out[:, :job.k].copy_(job.host, non_blocking=self.cuda)
+            self._results.used(job.entry)
+        return job.out
 
 
 class SplitWeight:
@@ -247,70 +378,94 @@ class SplitWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [L, in] on the accelerator -> [L, out] there."""
-        hi = None
-        if self.k < self.weight.shape[0]:  # queued first, so that the accelerator works while the CPU does
-            rows, slot = self.sp.take(self.item, self.weight[self.k:])
-            hi = F.linear(x, rows, self.dev_bias)
+        if self.k == 0 and not self.sp.started(self.item):  # all on the accelerator (ratio 1)
+            rows, slot = self.sp.take(self.item, self.weight)
+            y = F.linear(x, rows, self.dev_bias)
             self.sp.release(slot)
-        if self.k == 0:
-            return hi
-        b = None if self.bias is None else self.bias[:self.k]
-        lo = self.sp.host_linear(x, self.weight[:self.k], b)
-        return lo if hi is None else torch.cat([lo, hi], dim=-1)
+            return y
+        return self.sp.land(self.sp.begin(self, x))
 
 
-def measure_ratio(device: torch.device, dtype: torch.dtype,
-                  shapes: Iterable[tuple[int, int]] = ((5632, 2048), (2048, 5632), (2048, 2048)),
-                  seconds: float = 0.3) -> dict:
-    """Share of each projection to give the accelerator so that CPU time equals copy time.
+def _past_caches() -> int:
+    """Bytes of weights that a walk must touch so that the CPU's caches cannot hold them: twice
+    the largest cache Linux reports (hosts with a 300 MB L3 exist), at least 512 MB."""
+    sizes = []
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(f) as fh:
+            text = fh.read().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max([512 << 20, *(2 * s for s in sizes)])
 
-    Both are measured at once, since they share the host's memory: the copy stream copies pinned
-    weights of `shapes` over and over while this thread runs one-row F.linear over host weights of
-    the same shapes (at the process's thread count); each rate is its bytes over the common time.
-    The accelerator's own matmuls on a decode row are negligible beside both."""
-    weights = [torch.randn(s).to(dtype) for s in shapes]
-    x = {s[1]: torch.randn(1, s[1]).to(dtype) for s in shapes}
-    nbytes = sum(w.nbytes for w in weights)
 
-    def cpu_pass() -> None:
-        for w in weights:
-            F.linear(x[w.shape[1]], w)
+def _synthetic_blocks(blocks: list[dict[str, tuple[int, int]]], dtype: torch.dtype, pin: bool,
+                      min_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Host blocks of these projection shapes, repeated until they hold `min_bytes` (more than the
+    CPU's caches); weights 1/in, so that activations of ones stay ones."""
+    unit = sum(math.prod(s) * dtype.itemsize for b in blocks for s in b.values())
+    out = []
+    for _ in range(max(1, math.ceil(min_bytes / max(unit, 1)))):
+        for b in blocks:
+            out.append({n: torch.empty(s, dtype=dtype, pin_memory=pin).fill_(1.0 / s[1]) for n, s in b.items()})
+    return out
 
-    cpu_pass()
-    if device.type != "cuda":  # no accelerator: both halves are the CPU
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds / 3:
-            cpu_pass()
-            n += 1
-        cpu_bw = n * nbytes / (time.perf_counter() - t0)
-        return {"cpu_bytes_per_s": cpu_bw, "copy_bytes_per_s": cpu_bw, "ratio": 0.5}
-    pinned = [w.pin_memory() for w in weights]
-    dev = [torch.empty_like(w, device=device) for w in weights]
-    stream = torch.cuda.Stream(device)
 
-    def copies(passes: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            for _ in range(passes):
-                for d, p in zip(dev, pinned, strict=True):
-                    d.copy_(p, non_blocking=True)
-            end.record(stream)
-        return start, end
+def _synthetic_pass(sp: Splitter, blocks: list[dict[str, torch.Tensor]], x: torch.Tensor) -> float:
+    """Seconds for one walk over `blocks` as forward.py walks host blocks: input from the host,
+    next block queued, stages in order (each stage's first output is the next stage's input),
+    output back to the host."""
+    t0 = time.perf_counter()
+    for i, w in enumerate(blocks):
+        ws = sp.weights(i, w)
+        sp.upcoming((i + 1) % len(blocks), blocks[(i + 1) % len(blocks)])
+        h = x.to(sp.device)
+        for stage in STAGES:
+            names = [f"{p}.weight" for p in stage if f"{p}.weight" in ws]
+            if names:
+                h = [ws[n](h) for n in names][0]
+        h.to("cpu")
+        sp.finish(i)
+    return time.perf_counter() - t0
 
-    copies(1)[1].synchronize()  # warm-up
-    start, end = copies(1)
-    end.synchronize()
-    passes = max(1, math.ceil(seconds / (start.elapsed_time(end) / 1000)))
-    start, end = copies(passes)
-    t0, n = time.perf_counter(), 0
-    while n == 0 or not end.query():  # the CPU works for as long as the copies run
-        cpu_pass()
-        n += 1
-    cpu_s = time.perf_counter() - t0
-    end.synchronize()
-    copy_s = start.elapsed_time(end) / 1000
-    dev.clear()  # before empty_cache: the buffers go back to the device
-    torch.cuda.empty_cache()
-    cpu_bw, copy_bw = n * nbytes / cpu_s, passes * nbytes / copy_s
-    return {"cpu_bytes_per_s": cpu_bw, "copy_bytes_per_s": copy_bw, "ratio": copy_bw / (cpu_bw + copy_bw)}
+
+def time_split(device: torch.device, dtype: torch.dtype, blocks: list[dict[str, torch.Tensor]], ratio: float,
+               slots: int = 3, threads: int | None = None, passes: int = 3, counters: dict | None = None) -> float:
+    """Median seconds per walk over host `blocks` split at `ratio` (after one warm-up walk);
+    `counters`, if given, gets the Splitter's counters per walk."""
+    slot = max(share_bytes([(n, tuple(t.shape), t.dtype) for n, t in b.items()], ratio)[0] for b in blocks)
+    x = torch.ones(1, blocks[0][_order(blocks[0])[0]].shape[1], dtype=dtype)  # the residual stream's width
+    with torch.inference_mode(), Splitter(device, ratio, slot, slots, threads) as sp:
+        _synthetic_pass(sp, blocks, x)
+        sp.counters = dict.fromkeys(SPLIT_COUNTERS, 0.0)
+        seconds = statistics.median(_synthetic_pass(sp, blocks, x) for _ in range(passes))
+        if counters is not None:
+            counters.update({k: v / passes for k, v in sp.counters.items()})
+        return seconds
+
+
+def calibrate(device: torch.device, dtype: torch.dtype, blocks: list[dict[str, tuple[int, int]]],
+              threads: int | None = None, slots: int = 3, min_bytes: int | None = None, passes: int = 3) -> dict:
+    """The ratio at which the split path runs fastest on this machine, found by timing it: host
+    blocks of these projection shapes ({"q_proj.weight": (out, in), ...}: one attention and one FFN
+    block of the rank), repeated past `min_bytes`, walked at ratios 0, 0.1, ..., 1, then at
+    +-0.05 and +-0.025 around the best. Returns {"ratio", "ms": {ratio: ms per walk}, "bytes"}."""
+    device = torch.device(device)
+    host = _synthetic_blocks(blocks, dtype, device.type == "cuda", _past_caches() if min_bytes is None else min_bytes)
+    ms: dict[float, float] = {}
+
+    def at(r: float) -> float:
+        r = round(min(1.0, max(0.0, r)), 3)
+        if r not in ms:
+            ms[r] = 1000 * time_split(device, dtype, host, r, slots, threads, passes)
+        return ms[r]
+
+    for r in (i / 10 for i in range(11)):
+        at(r)
+    for step in (0.05, 0.025):
+        best = min(ms, key=ms.get)
+        at(best - step), at(best + step)
+    nbytes = sum(t.nbytes for b in host for t in b.values())
+    host.clear()
+    if device.type == "cuda":  # the synthetic blocks' pinned memory and the slots go back
+        torch.cuda.empty_cache()
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
+    return {"ratio": min(ms, key=ms.get), "ms": dict(sorted(ms.items())), "bytes": nbytes}
