@@ -5,10 +5,11 @@ collective lives in those same processes at once: tpi's star (``StarMaster``/``S
 from tpi/comm/zmq_star.py, used as a library, as the cluster uses it), the ring and the tree
 (tpi/comm/ring.py, tree.py), torch.distributed's gloo (tpi/comm/gloo.py), and a bare pyzmq
 star (ROUTER/DEALER, raw float32 bytes, no header, no checks, numpy sum in rank order): the
-floor our star is measured against. Each round runs every (collective, size) back to back,
-`--iters` allreduces after `--warmup`, the order rotating from round to round so that slow
-drifts of this shared machine hit all alike. Rank 0 times each call; the table quotes the
-median and p99 over all rounds and each collective's median over the bare star's.
+floor our star is measured against. After `--warmup` calls of each, the (collective, size)
+pairs are interleaved call by call, `--rounds` x `--iters` iterations of one call each, the
+order rotating every iteration, so that this shared machine's drifts and bursts hit all alike.
+Rank 0 times each call; the table quotes the median and p99 and each collective's median over
+the bare star's.
 
 Also fits the loopback link's alpha (one-way time) and bandwidth from ping-pong round trips of
 64 B and 1 MiB between ranks 0 and 1 (bare sockets), and shows what tpi/comm/cost.py's model
@@ -170,6 +171,9 @@ def rank_main(rank: int, world_size: int, args: dict, up, down) -> None:
     """A spawned rank: build everything, exchange addresses, measure, report to the parent."""
     try:
         torch.set_num_threads(1)
+        if args["pin"] and hasattr(os, "sched_setaffinity"):  # before any socket: ZeroMQ's I/O thread inherits it
+            cores = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cores[rank % len(cores)]})
         ranks = Ranks(rank, world_size, args["sizes"], args["algos"])
         up.put(("addr", rank, ranks.addresses()))
         ranks.connect(down.get(timeout=120))
@@ -199,18 +203,23 @@ def measure_loopback(ranks: Ranks) -> tuple[float, float] | None:
 
 
 def run_schedule(ranks: Ranks, args: dict) -> dict[str, list[float]]:
+    """Every (collective, size) warmed up, then interleaved call by call: each iteration runs one
+    allreduce of each, in an order that rotates every iteration, so that this shared machine's
+    drifts and bursts fall on all of them alike (a paired comparison, not one block after another)."""
     configs = [(algo, size) for size in args["sizes"] for algo in args["algos"]]
     times: dict[str, list[float]] = {f"{a}/{s}": [] for a, s in configs}
-    for rnd in range(args["rounds"]):
-        k = rnd % len(configs)
-        for algo, size in configs[k:] + configs[:k]:
-            fn, out = ranks.call(algo, size), times[f"{algo}/{size}"]
-            for i in range(args["warmup"]):
-                fn(i)
-            for i in range(args["warmup"], args["warmup"] + args["iters"]):
-                t0 = time.perf_counter()
-                fn(i)
-                out.append(time.perf_counter() - t0)
+    fns = [(ranks.call(a, s), times[f"{a}/{s}"]) for a, s in configs]
+    for fn, _ in fns:
+        for i in range(args["warmup"]):
+            fn(i)
+    i = args["warmup"]
+    for k in range(args["rounds"] * args["iters"]):
+        r = k % len(fns)
+        for fn, out in fns[r:] + fns[:r]:
+            t0 = time.perf_counter()
+            fn(i)
+            out.append(time.perf_counter() - t0)
+        i += 1
     return times
 
 
@@ -284,8 +293,10 @@ def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[flo
     notes = [
         "",
         f"Loopback, {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
-        f"1 torch thread per rank; {args.rounds} rounds x {args.iters} timed allreduces (after {args.warmup} "
-        "warm-up) per cell, order rotating per round; rank 0's time per call, back to back.",
+        f"1 torch thread per rank, {'rank r pinned to core r mod ' + str(cores) if args.pin else 'ranks not pinned'}; "
+        f"{args.rounds * args.iters} timed allreduces per cell (after {args.warmup} "
+        "warm-up), all cells interleaved call by call in an order rotating every iteration; rank 0's time "
+        "per call.",
         f"World sizes above {cores} oversubscribe this machine's {cores} cores: every hop then waits for the "
         "scheduler, which punishes the collectives with more sequential hops (ring: 2(N-1), tree: 2 log2 N) "
         "far more than it would on separate devices.",
@@ -329,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=200, help="timed allreduces per cell and round")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the OS place the ranks (default: rank r on core r mod cores, with its I/O thread)")
     p.add_argument("--quick", action="store_true", help="world sizes 2,3; 50 iterations; 1 round")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
@@ -346,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     spec = {"sizes": args.sizes, "algos": args.algos, "iters": args.iters, "warmup": args.warmup,
-            "rounds": args.rounds}
+            "rounds": args.rounds, "pin": args.pin}
     results = {}
     for world in args.worlds:
         t0 = time.monotonic()

@@ -1,19 +1,24 @@
 """Communication during real generation: the embedded SmolLM2-135M on 3 ranks, beside the floor.
 
+Communication is measured per allreduce from every rank's trace (tpi/comm/trace.py, turned on with
+TPI_COMM_TRACE): each call's time from the moment the last rank entered it until the last rank had
+the sum, which is what the collective adds to a token, whatever the ranks' compute skew (a rank's
+own time inside ``all_reduce`` also holds its wait for slower ranks' compute). The sum over a
+decoded token's 2 x layers allreduces is its communication time; tables quote the median token.
+
 Three parts, each a table:
-1. Loopback, every collective (star, ring, tree, gloo): decode-time communication per token, as the
-   ranks count it (``LocalCluster.stats()``: each rank's seconds inside ``all_reduce``), against the
-   floor 2 x layers x (one bare-star allreduce of one token's hidden state), the bare star being
-   bench/comm.py's (3 spawned processes, raw float32, no header, no checks), measured in the same run.
-   Decode only: the difference between a generation of --tokens tokens and one of 1 token (same
-   prompt, same prefill), over tokens - 1. A rank's time in all_reduce includes waiting for the
-   other ranks' compute; the rank that arrives last waits least, so the table gives rank 0's time
-   and the smallest over the ranks (the closest to pure communication).
+1. Loopback, every collective (star, ring, tree, gloo): communication per decoded token against
+   the floor 2 x layers x (one bare-star allreduce of one token's hidden state), the bare star
+   being bench/comm.py's (3 spawned processes, raw float32, no header, no checks), measured in the
+   same run; and against a loaded floor: the same bare star when every rank first computes (a
+   matmul) for as long as one block took it in the generation, which is what this machine's
+   scheduling makes of any allreduce between computing processes. Also the decode ms/token and
+   rank 0's own time inside all_reduce per token.
 2. Payloads (star, 3 ranks): float32, float16, bfloat16, q8, q8_64 against transformers' float32
    model: the largest logit error over a prompt's positions relative to the logits' scale, and
    greedy token agreement (tokens equal to transformers' at the same position; first divergence).
 3. With --emulate (root, iproute2; what `tpi emulate` runs): the star on 3 network namespaces at
-   1 and 5 ms one-way delay (1 Gbit/s): rank 0's allreduce time per decoded token against the floor
+   1 and 5 ms one-way delay (1 Gbit/s): communication per decoded token against the floor
    2 x layers x (round trip + bytes / bandwidth), the round trip measured between two namespaces and
    bytes = a partial up and the sum back (2 x hidden x 4).
 
@@ -33,8 +38,9 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -49,51 +55,156 @@ def bare_floor_s(hidden: int, world: int, rounds: int) -> float:
     """Median seconds of one bare-star allreduce of `hidden` float32 values over `world` processes."""
     from comm import bench_world  # bench/comm.py
 
-    spec = {"sizes": [hidden], "algos": ["bare"], "iters": 200, "warmup": 20, "rounds": rounds}
+    spec = {"sizes": [hidden], "algos": ["bare"], "iters": 200, "warmup": 20, "rounds": rounds, "pin": False}
     times = bench_world(world, spec)["times"][f"bare/{hidden}"]
     return statistics.median(times)
 
 
-def decode_comm(cluster, ids: list[int], tokens: int) -> tuple[list[float], float]:
-    """(per rank: seconds in all_reduce per decoded token, decode seconds per token)."""
+def _loaded_rank(rank: int, world: int, hidden: int, block_s: float, iters: int, up, down) -> None:
+    """A spawned rank of `loaded_floor_s`: calibrate a matmul to `block_s`, then compute + allreduce."""
+    import traceback
+
+    from comm import BareStar  # bench/comm.py
+
+    try:
+        torch.set_num_threads(1)
+        x = torch.randn(1, hidden)
+        rows = 256
+        w = torch.randn(rows, hidden)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.mm(x, w.T)
+        rows = max(1, int(rows * block_s / ((time.perf_counter() - t0) / 20)))
+        w = torch.randn(rows, hidden)  # one block's compute, as long as the model's took on this rank
+        bare = BareStar(rank, world)
+        up.put(("addr", rank, bare.address))
+        bare.connect(down.get(timeout=120))
+        v, times = x.numpy().reshape(-1), []
+        for _ in range(iters):
+            torch.mm(x, w.T)
+            t0 = time.perf_counter()
+            bare.all_reduce(v)
+            times.append((t0, time.perf_counter()))
+        up.put(("times", rank, times))
+        bare.close()
+    except BaseException:
+        up.put(("error", rank, traceback.format_exc()))
+
+
+def loaded_floor_s(hidden: int, world: int, block_s: list[float], iters: int = 400) -> float:
+    """Median seconds from the last rank's entry to the last rank's exit of a bare-star allreduce
+    when, as in generation, every rank first computes for as long as one block took it
+    (`block_s[rank]`): the bare star under this machine's scheduling of computing processes."""
+    import multiprocessing as mp
+
+    from comm import _get  # bench/comm.py
+
+    ctx = mp.get_context("spawn")
+    up, downs = ctx.Queue(), [ctx.Queue() for _ in range(world)]
+    procs = [ctx.Process(target=_loaded_rank, args=(r, world, hidden, block_s[r], iters, up, downs[r]), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        addrs, times = {}, {}
+        while len(addrs) < world:
+            _, rank, value = _get(up)
+            addrs[rank] = value
+        for d in downs:
+            d.put(addrs[0])
+        while len(times) < world:
+            _, rank, value = _get(up)
+            times[rank] = value
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+    calls = [max(times[r][i][1] for r in times) - max(times[r][i][0] for r in times) for i in range(iters // 10, iters)]
+    return statistics.median(calls)
+
+
+@contextmanager
+def traced(directory: Path):
+    """Processes started inside record their allreduces to `directory` (TPI_COMM_TRACE)."""
+    from tpi.comm.trace import ENV
+
+    old = os.environ.get(ENV)
+    os.environ[ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
+def decode_run(cluster, ids: list[int], tokens: int) -> tuple[float, float, float, list[float]]:
+    """(when it began, decode seconds per token, rank 0's seconds in all_reduce per decoded token,
+    each rank's compute seconds per decoded token)."""
+    t0 = time.perf_counter()
     s0 = cluster.stats()
     full = cluster.generate_full(ids, tokens, ignore_eos=True)
     s1 = cluster.stats()
-    cluster.generate_full(ids, 1, ignore_eos=True)
+    cluster.generate_full(ids, 1, ignore_eos=True)  # the same prefill alone: what decoding added
     s2 = cluster.stats()
-    per_rank = [((b["allreduce_s"] - a["allreduce_s"]) - (c["allreduce_s"] - b["allreduce_s"])) / (tokens - 1)
-                for a, b, c in zip(s0, s1, s2)]
-    return per_rank, full["decode_s"] / (tokens - 1)
+    def decode(key: str, r: int) -> float:
+        return ((s1[r][key] - s0[r][key]) - (s2[r][key] - s1[r][key])) / (tokens - 1)
+
+    compute = [decode("compute_s", r) for r in range(len(s0))]
+    return t0, full["decode_s"] / (tokens - 1), decode("allreduce_s", 0), compute
 
 
 def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
     from tpi import LocalCluster
+    from tpi.comm import trace
 
     layers, hidden, world = cfg["num_hidden_layers"], cfg["hidden_size"], args.world_size
     floor = bare_floor_s(hidden, world, args.rounds)
-    rows: dict[str, dict[str, list[float]]] = {c: {"r0": [], "min": [], "tok": []} for c in args.collectives}
+    rows: dict[str, dict[str, list]] = {c: {"r0": [], "tok": [], "windows": [], "compute": []}
+                                        for c in args.collectives}
     with ExitStack() as stack:
-        clusters = {c: stack.enter_context(LocalCluster(path, world_size=world, collective=c,
-                                                        cache_dir=args.cache_dir)) for c in args.collectives}
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tpi-comm-trace-")))
+        summary = stack.enter_context(ExitStack())  # closed first: the clusters save their traces
+        clusters = {}
+        for c in args.collectives:
+            with traced(tmp / c):
+                clusters[c] = summary.enter_context(LocalCluster(path, world_size=world, collective=c,
+                                                                 cache_dir=args.cache_dir))
         for c in clusters.values():
             c.generate_full(ids, 4, ignore_eos=True)  # warm-up
         names = list(clusters)
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                per_rank, tok = decode_comm(clusters[name], ids, args.tokens)
-                rows[name]["r0"].append(per_rank[0])
-                rows[name]["min"].append(min(per_rank))
+                t0, tok, r0, compute = decode_run(clusters[name], ids, args.tokens)
+                rows[name]["windows"].append((t0, time.perf_counter()))
+                rows[name]["compute"].append(compute)
+                rows[name]["r0"].append(r0)
                 rows[name]["tok"].append(tok)
-                print(f"round {rnd + 1} {name}: comm {1000 * per_rank[0]:.1f} ms/token (rank 0)", file=sys.stderr)
-    floor_tok = 2 * layers * floor
+                print(f"round {rnd + 1} {name}: {1000 * tok:.1f} ms/token", file=sys.stderr)
+        summary.close()
+        comm = {}
+        for name, r in rows.items():
+            calls = trace.per_call(trace.load(tmp / name, world))
+            comm[name] = [t for a, b in r["windows"] for t in trace.per_token(calls, a, b)]
     med = statistics.median
-    lines = [f"## 1. Loopback, {world} ranks: communication per decoded token (floor {1000 * floor_tok:.2f} ms = 2 x "
-             f"{layers} layers x {1e6 * floor:.0f} µs, one bare-star allreduce of {hidden} float32)", "",
-             "| collective | ms/token (decode) | comm ms/token, rank 0 | comm ms/token, least rank | least / floor |",
-             "|---|---:|---:|---:|---:|"]
+    ref = args.collectives[0]  # the block compute the loaded floor copies: this collective's ranks'
+    block_s = [med(c[r] for c in rows[ref]["compute"]) / (2 * layers) for r in range(world)]
+    loaded = loaded_floor_s(hidden, world, block_s)
+    floor_tok, loaded_tok = 2 * layers * floor, 2 * layers * loaded
+    lines = [f"## 1. Loopback, {world} ranks: communication per decoded token", "",
+             f"- floor: 2 x {layers} layers x {1e6 * floor:.0f} µs (one bare-star allreduce of {hidden} float32, "
+             f"nothing else running) = {1000 * floor_tok:.2f} ms",
+             f"- loaded floor: 2 x {layers} layers x {1e6 * loaded:.0f} µs (the same bare star, last rank in to last "
+             f"out, when each rank first computes for as long as one block took it in generation, "
+             f"{', '.join(f'{1e6 * b:.0f}' for b in block_s)} µs) = {1000 * loaded_tok:.2f} ms", "",
+             "| collective | ms/token (decode) | rank 0 in all_reduce, ms/token | comm ms/token (last in to last out) "
+             "| comm / floor | comm / loaded floor |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {1000 * med(r['tok']):.1f} | {1000 * med(r['r0']):.2f} | {1000 * med(r['min']):.2f} "
-                     f"| {med(r['min']) / floor_tok:.2f}x |")
+        c = med(comm[name])
+        lines.append(f"| {name} | {1000 * med(r['tok']):.1f} | {1000 * med(r['r0']):.2f} | {1000 * c:.2f} "
+                     f"| {c / floor_tok:.2f}x | {c / loaded_tok:.2f}x |")
     return "\n".join(lines)
 
 
@@ -128,9 +239,10 @@ def part_payloads(args, path: Path, ids: list[int], model) -> str:
 
 def part_emulate(args, cfg: dict) -> str:
     import httpx
-    from emulate import PROMPT_IDS, Probe, _metrics, _wait_ready  # bench/emulate.py
+    from emulate import PROMPT_IDS, Probe, _wait_ready  # bench/emulate.py
 
     from tpi.cluster_config import Link, parse_cluster_config
+    from tpi.comm import trace
     from tpi.emulate import Emulation, check_prerequisites
 
     check_prerequisites()
@@ -141,42 +253,42 @@ def part_emulate(args, cfg: dict) -> str:
         "master": {"port": 5555, "http_port": 8000, "threads": 1},
         "workers": [{"rank": r, "threads": 1} for r in (1, 2)], "link": {"delay": "0ms", "rate": rate}}, "bench")
 
-    def comm_per_token(url: str, model: str) -> float:
-        sums = []
-        for tokens in (args.tokens, 1):
-            before = _metrics(url)
-            httpx.post(f"{url}/v1/completions", timeout=900, json={
-                "model": model, "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0,
-                "ignore_eos": True}).raise_for_status()
-            key = ("tpi_allreduce_seconds_sum", "0")
-            sums.append(_metrics(url)[key] - before.get(key, 0.0))
-        return (sums[0] - sums[1]) / (args.tokens - 1)
+    def generate(url: str, model: str) -> tuple[float, float]:
+        """One generation of --tokens tokens; (when it began, when it ended) on the traces' clock."""
+        t0 = time.perf_counter()
+        httpx.post(f"{url}/v1/completions", timeout=900, json={
+            "model": model, "prompt": PROMPT_IDS, "max_tokens": args.tokens, "temperature": 0,
+            "ignore_eos": True}).raise_for_status()
+        return t0, time.perf_counter()
 
-    rows = {d: {"rtt": [], "comm": []} for d in args.delays}
+    rows = {d: {"rtt": [], "windows": []} for d in args.delays}
     OUT_DIR.mkdir(exist_ok=True)
-    with open(OUT_DIR / "comm_emulate.log", "w") as log, Emulation(ccfg, out=log) as emu:
-        model = _wait_ready(emu)
-        probe = Probe(emu)
-        try:
-            for rnd in range(args.rounds):
-                for d in args.delays[rnd % len(args.delays):] + args.delays[:rnd % len(args.delays)]:
-                    emu.network.set_link(Link(delay=f"{d:g}ms", rate=rate))
-                    rows[d]["rtt"].append(probe.rtt_ms() / 1000)
-                    rows[d]["comm"].append(comm_per_token(emu.master_url, model))
-                    print(f"round {rnd + 1} delay {d} ms: comm {1000 * rows[d]['comm'][-1]:.1f} ms/token",
-                          file=sys.stderr)
-        finally:
-            probe.close()
-        how = emu.network.delay_with
+    with tempfile.TemporaryDirectory(prefix="tpi-comm-trace-") as tmp:
+        with traced(Path(tmp)), open(OUT_DIR / "comm_emulate.log", "w") as log, Emulation(ccfg, out=log) as emu:
+            model = _wait_ready(emu)
+            probe = Probe(emu)
+            try:
+                generate(emu.master_url, model)  # warm-up
+                for rnd in range(args.rounds):
+                    for d in args.delays[rnd % len(args.delays):] + args.delays[:rnd % len(args.delays)]:
+                        emu.network.set_link(Link(delay=f"{d:g}ms", rate=rate))
+                        rows[d]["rtt"].append(probe.rtt_ms() / 1000)
+                        rows[d]["windows"].append(generate(emu.master_url, model))
+                        print(f"round {rnd + 1} delay {d} ms done", file=sys.stderr)
+            finally:
+                probe.close()
+            how = emu.network.delay_with
+        calls = trace.per_call(trace.load(tmp, 3))  # saved as the ranks stopped
     med = statistics.median
-    lines = [f"## 3. `tpi emulate`, star, 3 ranks, {rate}, delay by {how}: rank 0's allreduce time per decoded token",
-             "", f"floor = 2 x {layers} layers x (round trip + {nbytes} B / bandwidth)", "",
+    lines = [f"## 3. `tpi emulate`, star, 3 ranks, {rate}, delay by {how}: communication per decoded token "
+             "(last in to last out)", "", f"floor = 2 x {layers} layers x (round trip + {nbytes} B / bandwidth)", "",
              "| one-way delay ms | round trip ms (probe) | comm ms/token | floor ms/token | comm / floor |",
              "|---:|---:|---:|---:|---:|"]
     for d, r in rows.items():
+        comm = med([t for a, b in r["windows"] for t in trace.per_token(calls, a, b)])
         floor = 2 * layers * (med(r["rtt"]) + nbytes * 8 / Link(rate=rate).rate_bps)
-        lines.append(f"| {d:g} | {1000 * med(r['rtt']):.2f} | {1000 * med(r['comm']):.1f} | {1000 * floor:.1f} | "
-                     f"{med(r['comm']) / floor:.2f}x |")
+        lines.append(f"| {d:g} | {1000 * med(r['rtt']):.2f} | {1000 * comm:.1f} | {1000 * floor:.1f} | "
+                     f"{comm / floor:.2f}x |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import time
 import traceback
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -432,3 +433,51 @@ def test_peers_message_and_choice_checks() -> None:
     with pytest.raises(ConfigError, match="the master runs the ring collective; this worker was started with "
                                           "collective='tree'"):
         check_choice("tree", "ring")
+
+
+# -- per-call traces ----------------------------------------------------------------------------------
+def test_trace_per_call_is_last_in_to_last_out() -> None:
+    from tpi.comm import trace
+
+    def rank(*rows):  # (seq, step, layer, phase, rows, enter, exit)
+        return np.array(rows, dtype=np.float64)
+
+    traces = [rank((1, 2, 0, 0, 1, 1.0, 1.5), (1, 2, 0, 1, 1, 2.0, 2.1), (1, 0, 0, 0, 9, 0.1, 0.3)),
+              rank((1, 2, 0, 0, 1, 1.2, 1.6), (1, 2, 0, 1, 1, 2.05, 2.2), (1, 0, 0, 0, 9, 0.2, 0.3)),
+              rank((1, 2, 0, 0, 1, 1.1, 1.55), (1, 2, 0, 1, 1, 1.9, 2.15))]  # rank 2 missed the prefill call
+    calls = trace.per_call(traces)
+    assert set(calls) == {(1, 2, 0, 0), (1, 2, 0, 1)}
+    assert calls[1, 2, 0, 0] == pytest.approx((1, 1.2, 0.4)) and calls[1, 2, 0, 1] == pytest.approx((1, 2.05, 0.15))
+    assert trace.per_token(calls) == [pytest.approx(0.55)]
+    assert trace.per_token(calls, start=1.5) == [pytest.approx(0.15)]  # only the call that began in the window
+
+
+def test_trace_records_every_allreduce_of_every_rank(llama_reference, split_cache, tmp_path, monkeypatch) -> None:
+    """TPI_COMM_TRACE: each rank saves every call at close; the calls line up across ranks, and the
+    decode steps' communication is positive and no longer than the slowest rank's call."""
+    import json
+
+    from tpi import LocalCluster
+    from tpi.comm import trace
+
+    path, _, ref = llama_reference
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    monkeypatch.setenv(trace.ENV, str(tmp_path))
+    with LocalCluster(path, world_size=3, cache_dir=split_cache) as cluster:
+        t0 = time.perf_counter()
+        assert cluster.generate(PROMPT, max_new_tokens=5) == ref[:5]
+        t1 = time.perf_counter()
+        n = cluster.stats()[0]["allreduce_calls"]
+    traces = trace.load(tmp_path, 3)
+    assert [len(t) for t in traces] == [n, n, n]
+    calls = trace.per_call(traces)
+    assert len(calls) == n
+    longest = {tuple(int(v) for v in row[:4]): 0.0 for row in traces[0]}
+    for t in traces:
+        for row in t:
+            key = tuple(int(v) for v in row[:4])
+            longest[key] = max(longest[key], row[6] - row[5])
+    assert all(0 < secs <= longest[key] for key, (_, _, secs) in calls.items())
+    decode = [key for key, (rows, _, _) in calls.items() if rows == 1]
+    tokens = trace.per_token(calls, t0, t1)
+    assert len(decode) == 2 * layers * len(tokens) and len(tokens) >= 4

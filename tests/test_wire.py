@@ -9,8 +9,19 @@ import msgpack
 import pytest
 import torch
 
-from tpi.comm.wire import (HOT, HOT_MAGIC, MAX_HEADER_BYTES, WITH_DATA, WITH_TENSOR, Expect, Kind, Message, WireError,
-                           decode, encode)
+from tpi.comm.wire import (
+    HOT,
+    HOT_MAGIC,
+    MAX_HEADER_BYTES,
+    WITH_DATA,
+    WITH_TENSOR,
+    Expect,
+    Kind,
+    Message,
+    WireError,
+    decode,
+    encode,
+)
 
 HIDDEN = 4
 ANY = Expect(frozenset(Kind), hidden=HIDDEN, dtype=torch.float32, max_length=16, max_layer=2)

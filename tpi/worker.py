@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -147,6 +149,7 @@ def _watch_parent(parent_pid: int | None) -> threading.Event:
 def worker_process(opts: WorkerOptions) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(level=logging.WARNING, format=f"[rank {opts.rank}] %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # terminate(): leave through serve's cleanup
     try:
         serve(opts)
     except Shutdown:

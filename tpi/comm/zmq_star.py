@@ -28,7 +28,7 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tpi.comm import collectives, wire
+from tpi.comm import collectives, trace, wire
 from tpi.comm.base import CommError, MasterLost, PeerLost, Shutdown, StepAborted
 from tpi.comm.cost import Link, choose, measure_link
 from tpi.comm.links import Links
@@ -141,6 +141,7 @@ class StarMaster:
         self._stats: dict[int, dict] = {}
         self.refused = 0  # messages refused and logged: malformed, from strangers, bad joins or shard requests
         self.allreduce_s, self.allreduce_calls = 0.0, 0
+        self.trace = trace.from_env(self.rank)  # TPI_COMM_TRACE=<dir>: every call's timing, saved at close
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
                                         Kind.GET_CHUNK, Kind.BYE, Kind.ECHO}), hidden, dtype, max_layer=num_layers)
 
@@ -211,8 +212,11 @@ class StarMaster:
                     raise
             return self._star_all_reduce(partial, tag)
         finally:
-            self.allreduce_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.allreduce_s += t1 - t0
             self.allreduce_calls += 1
+            if self.trace is not None:
+                self.trace.add(tag, partial.shape[0], t0, t1)
 
     def _star_all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         """Sum in float32 in fixed rank order, rank 0 first, each worker's partial added as soon as
@@ -246,14 +250,15 @@ class StarMaster:
         return out
 
     def _send_sum(self, header: bytes, body: np.ndarray) -> None:
-        """The sum to every worker still here: identity, header, tensor (not copied when large)."""
-        sock = self.sock
+        """The sum to every worker still here: identity, header, tensor. The tensor is one ZeroMQ
+        message that every send shares (ZeroMQ counts references): not copied once per worker."""
+        sock, frame = self.sock, zmq.Frame(body)
         for ident, rank in self.peers.items():
             if rank not in self.lost:
                 try:
                     sock.send(ident, SNDMORE)  # ROUTER_MANDATORY: a gone peer raises here, nothing is sent
                     sock.send(header, SNDMORE)
-                    sock.send(body, copy=False)
+                    sock.send(frame)
                 except zmq.ZMQError as e:
                     self.lost.setdefault(rank, f"connection closed ({e.strerror})")
 
@@ -530,13 +535,15 @@ class StarMaster:
         raise CommError("the master receives partials only inside all_reduce")
 
     def close(self) -> None:
+        if self.trace is not None:
+            self.trace.save()
         for ident in list(self.peers):
             self._send(ident, Message(Kind.SHUTDOWN), quiet=True)
         self._close_collective()
         if self._coll_links is not None:
             self._coll_links.close()
         self.monitor.close(0)
-        self.sock.close(0)
+        self.sock.close(500 if self.peers else 0)  # let the SHUTDOWNs out: else a worker sees a lost master
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -574,6 +581,7 @@ class StarWorker:
                                         Kind.ECHO}), hidden, dtype,
                              max_layer=num_layers)
         self.allreduce_s, self.allreduce_calls = 0.0, 0
+        self.trace = trace.from_env(self.rank)  # TPI_COMM_TRACE=<dir>: every call's timing, saved at close
 
     def join(self, timeout: float | None) -> None:
         """Say HELLO until the master answers (it may start after us, or be restarting); repeated
@@ -641,8 +649,11 @@ class StarWorker:
         try:
             return self._all_reduce(partial, tag)
         finally:
-            self.allreduce_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.allreduce_s += t1 - t0
             self.allreduce_calls += 1
+            if self.trace is not None:
+                self.trace.add(tag, partial.shape[0], t0, t1)
 
     def _all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
         if self.collective is not None:
@@ -654,19 +665,22 @@ class StarWorker:
             except CommError as e:  # a peer failed: the master fails the step, then sets the collective up anew
                 raise StepAborted(f"rank {self.rank}: {e}") from None
         shape = partial.shape  # [L, D]
-        label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
-        plain = label == "float32" and partial.dtype == torch.float32
+        length, hidden = shape
+        plain = self.payload is None and partial.dtype == torch.float32  # the common case, least work
         if plain:
-            body = partial.numpy()
-        elif self.payload is not None and label != wire.DTYPE_NAMES[partial.dtype]:
-            body = self.payload.encode(partial.reshape(-1).to(torch.float32)).numpy()
+            label, body = "float32", partial.contiguous().numpy()
         else:
-            body = _bytes_of(partial)
-        sock, header = self.sock, wire.tensor_header(PARTIAL, tag, shape[0], label, shape[1])
-        sock.send(header, SNDMORE)
-        sock.send(body if body.flags.c_contiguous else np.ascontiguousarray(body), copy=False)
-        want = wire.tensor_header(REDUCED, tag, shape[0], label, shape[1])  # the sum comes back the same way
-        out = np.empty(shape, dtype=np.float32) if plain else np.empty(body.nbytes, dtype=np.uint8)
+            label = self.payload.label if self.payload else wire.DTYPE_NAMES[partial.dtype]
+            if self.payload is not None and label != wire.DTYPE_NAMES[partial.dtype]:
+                body = self.payload.encode(partial.reshape(-1).to(torch.float32)).numpy()
+            else:
+                body = _bytes_of(partial)
+        sock = self.sock
+        sock.send(wire.tensor_header(PARTIAL, tag, length, label, hidden), SNDMORE)
+        sock.send(body, copy=False)
+        want = wire.tensor_header(REDUCED, tag, length, label, hidden)  # the sum comes back the same way
+        nbytes = body.nbytes
+        out = np.empty(shape, dtype=np.float32) if plain else np.empty(nbytes, dtype=np.uint8)
         result = torch.from_numpy(out) if plain else None  # made before the wait: less work once the sum is here
         deadline = time.monotonic() + self.step_timeout
         while True:
@@ -678,9 +692,9 @@ class StarWorker:
             else:
                 if head == want:  # only the master reaches this DEALER, and it sends header + tensor
                     got = sock.recv_into(out)
-                    if got == body.nbytes:
+                    if got == nbytes:
                         return result if plain else _tensor_from(out, self.payload, partial.dtype, shape)
-                    log.warning("rank %d refused a sum of %d bytes, expected %d", self.rank, got, body.nbytes)
+                    log.warning("rank %d refused a sum of %d bytes, expected %d", self.rank, got, nbytes)
                 else:
                     msg = self._decode([zmq.Frame(head), *_drain(sock)])
             if time.monotonic() > deadline:
@@ -760,6 +774,8 @@ class StarWorker:
             pass
 
     def close(self) -> None:
+        if self.trace is not None:
+            self.trace.save()
         if self.collective is not None:
             self.collective.close()
         if self.links is not None:
