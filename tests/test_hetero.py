@@ -149,3 +149,6 @@ def test_calibrated_ratio_is_the_fastest_timed(device):
     r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 20, passes=1)
     assert 0 <= r["ratio"] <= 1 and r["ms"][r["ratio"]] == min(r["ms"].values())
     assert {0.0, 0.5, 1.0} <= set(r["ms"]) and r["bytes"] >= 1 << 20
+    unit = sum(4 * a * b for block in blocks for a, b in block.values())
+    r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 30, passes=1, max_copies=2)
+    assert r["bytes"] == 2 * unit  # a small model's walk is no longer than its layers, whatever the caches

@@ -180,7 +180,8 @@ class RankModel:
             blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
                       for s in firsts]
             if any(blocks):
-                self.calibration = calibrate(self.device, self.dtype, blocks, threads, SPLIT_SLOTS)
+                self.calibration = calibrate(self.device, self.dtype, blocks, threads, SPLIT_SLOTS,
+                                             max_copies=self.cfg.num_layers)
                 ratio = self.calibration["ratio"]
         if ratio is not None and not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")

@@ -5,11 +5,12 @@ between the CPU and an accelerator: the CPU computes rows [0, k) from host memor
 thread, the accelerator rows [k, out) from a copy that a side stream brings over from pinned
 memory into a ring of preallocated device slots, one projection per slot, in order of use and as
 far ahead as free slots allow (the next block's while this one computes). The block's activations
-stay on the accelerator: when a projection's input is new, it is fetched to the host once and the
-CPU rows of every projection that shares it (q/k/v, gate/up) start at once on the worker, while
-this thread queues the accelerator's rows and then lands the CPU's rows in the same output (small
-asynchronous copies through pinned buffers: on an H200 host they wait ~3 us behind a weight copy,
-so they need no path of their own). Also ``share_bytes`` (a slot's size and the small
+stay on the accelerator: when a projection's input is new, it is fetched to the host once and
+every projection that takes it (q/k/v, gate/up) starts at once, both halves: their CPU rows back to
+back on the worker, their accelerator rows queued (so that copy slots free up as soon as their
+copies land); each call then lands its CPU rows in the same output (small asynchronous copies
+through pinned buffers: on an H200 host they wait ~3 us behind a weight copy, so they need no path
+of their own). Also ``share_bytes`` (a slot's size and the small
 tensors kept on the accelerator, for the GPU budget) and ``calibrate`` (the ratio: the split path
 itself timed on synthetic blocks of the rank's shapes over a grid of ratios). With the accelerator
 set to the CPU the same path runs entirely on the CPU, which is how CI tests it. Does not know:
@@ -398,12 +399,14 @@ def _past_caches() -> int:
 
 
 def _synthetic_blocks(blocks: list[dict[str, tuple[int, int]]], dtype: torch.dtype, pin: bool,
-                      min_bytes: int) -> list[dict[str, torch.Tensor]]:
+                      min_bytes: int, max_copies: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Host blocks of these projection shapes, repeated until they hold `min_bytes` (more than the
-    CPU's caches); weights 1/in, so that activations of ones stay ones."""
+    CPU's caches) or `max_copies` times (the model's layers: a small model's walk is as short as
+    its own); weights 1/in, so that activations of ones stay ones."""
     unit = sum(math.prod(s) * dtype.itemsize for b in blocks for s in b.values())
+    copies = max(1, math.ceil(min_bytes / max(unit, 1)))
     out = []
-    for _ in range(max(1, math.ceil(min_bytes / max(unit, 1)))):
+    for _ in range(copies if max_copies is None else max(1, min(copies, max_copies))):
         for b in blocks:
             out.append({n: torch.empty(s, dtype=dtype, pin_memory=pin).fill_(1.0 / s[1]) for n, s in b.items()})
     return out
@@ -443,13 +446,16 @@ def time_split(device: torch.device, dtype: torch.dtype, blocks: list[dict[str, 
 
 
 def calibrate(device: torch.device, dtype: torch.dtype, blocks: list[dict[str, tuple[int, int]]],
-              threads: int | None = None, slots: int = 3, min_bytes: int | None = None, passes: int = 3) -> dict:
+              threads: int | None = None, slots: int = 3, min_bytes: int | None = None, passes: int = 3,
+              max_copies: int | None = None) -> dict:
     """The ratio at which the split path runs fastest on this machine, found by timing it: host
     blocks of these projection shapes ({"q_proj.weight": (out, in), ...}: one attention and one FFN
-    block of the rank), repeated past `min_bytes`, walked at ratios 0, 0.1, ..., 1, then at
+    block of the rank), repeated past `min_bytes` (default: twice the largest CPU cache) but at most
+    `max_copies` times (the rank's layers), walked at ratios 0, 0.1, ..., 1, then at
     +-0.05 and +-0.025 around the best. Returns {"ratio", "ms": {ratio: ms per walk}, "bytes"}."""
     device = torch.device(device)
-    host = _synthetic_blocks(blocks, dtype, device.type == "cuda", _past_caches() if min_bytes is None else min_bytes)
+    host = _synthetic_blocks(blocks, dtype, device.type == "cuda", _past_caches() if min_bytes is None else min_bytes,
+                             max_copies)
     ms: dict[float, float] = {}
 
     def at(r: float) -> float:
