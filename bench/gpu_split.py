@@ -301,6 +301,13 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
             with torch.inference_mode():
                 m.logits(run_layers(m, comm, m.embed(list(range(100, 132))), 1, 0, 0)[-1:])
                 plain = _timed(m, comm, 32)
+                if m.split is not None and args.profile_threads:
+                    default, pos = m.split.threads, 43
+                    for n in (int(t) for t in args.profile_threads.split(",")):
+                        m.split.set_threads(n)
+                        print(f"  {name}: worker at {n} threads: {_timed(m, comm, pos)}", flush=True)
+                        pos += 11
+                    m.split.set_threads(default)
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     m.logits(run_layers(m, comm, m.embed([7]), 1, 43, 43))
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
@@ -342,6 +349,8 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="torch threads, shared by the ranks")
     ap.add_argument("--settings", default="cpu,ondemand,stream,split,sweep", help="which rows to run")
     ap.add_argument("--profile", default="", help="settings to profile in this process first (world 1)")
+    ap.add_argument("--profile-threads", default="", help="with --profile: also time the split's worker at these "
+                    "torch thread counts (e.g. 15,8,4)")
     ap.add_argument("--calibrate", action="store_true",
                     help="first time the split path in this process (tpi.hetero.calibrate)")
     args = ap.parse_args()
@@ -353,7 +362,7 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(f"random Llama ({args.shape}): {n / 1e9:.2f}B parameters, {args.dtype}; GPU: {gpu}; "
               f"{args.cores} cores", flush=True)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and args.worlds:
             probes = {**probe_bandwidth(dtype, args.cores), **small_transfer_latency(), **cpu_dtypes(args.cores)}
             print("probe: " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()), flush=True)
             if args.calibrate:

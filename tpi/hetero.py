@@ -195,6 +195,14 @@ class Splitter:
     def nbytes(self) -> int:
         return sum(s.buffer.nbytes for s in self.slots)
 
+    def set_threads(self, threads: int) -> None:
+        """Torch threads of the worker that computes the CPU's rows (a new worker)."""
+        self._drain()
+        self._pool.shutdown(wait=True)
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(1, "tpi-split-cpu", initializer=torch.set_num_threads,
+                                        initargs=(self.threads,))
+
     def close(self) -> None:
         self._drain()
         self._pool.shutdown(wait=True)
