@@ -61,6 +61,18 @@ def test_splitter_pipeline_matches_linear(device, ratio, slots):
             assert "gate_proj.bias" not in w  # folded into the split weight
 
 
+def test_splitter_worker_threads_can_change():
+    blocks = _blocks(1, pin=False)
+    x = torch.randn(2, 64)
+    with Splitter("cpu", 0.5, _slot(blocks, 0.5), threads=2) as sp:
+        assert sp.threads == 2
+        sp.set_threads(1)
+        y = sp.weights(0, blocks[0])["up_proj.weight"](x)
+        sp.finish(0)
+        assert sp.threads == 1
+    assert_close(y, torch.nn.functional.linear(x, blocks[0]["up_proj.weight"]), rel=1e-5)
+
+
 def test_splitter_validates():
     with pytest.raises(ValueError, match="split ratio=1.5"):
         Splitter("cpu", 1.5, 0)
