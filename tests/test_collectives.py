@@ -452,6 +452,23 @@ def test_trace_per_call_is_last_in_to_last_out() -> None:
     assert trace.per_token(calls, start=1.5) == [pytest.approx(0.15)]  # only the call that began in the window
 
 
+def test_trace_is_bounded_and_a_bad_folder_is_logged_not_raised(tmp_path, caplog) -> None:
+    from tpi.comm import trace
+
+    t = trace.CommTrace(1, tmp_path, capacity=2)
+    for step in range(3):
+        t.add(Tag(1, step, 0, 0), 1, 0.0, 1.0)
+    assert (t.n, t.dropped) == (2, 1)
+    assert t.save() == tmp_path / "rank1.npy"
+    assert np.load(tmp_path / "rank1.npy")[:, 1].tolist() == [0, 1]
+    assert "kept the first 2 calls and dropped 1" in caplog.text
+    (tmp_path / "file").write_text("")
+    assert trace.CommTrace(2, tmp_path / "file").save() is None  # a file where the folder should be
+    assert "could not write its allreduce trace" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no allreduce trace of rank 0"):
+        trace.load(tmp_path, 2)
+
+
 def test_trace_records_every_allreduce_of_every_rank(llama_reference, split_cache, tmp_path, monkeypatch) -> None:
     """TPI_COMM_TRACE: each rank saves every call at close; the calls line up across ranks, and the
     decode steps' communication is positive and no longer than the slowest rank's call."""

@@ -13,11 +13,13 @@ know: sockets, which collective ran, the model.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("tpi.comm")
 ENV = "TPI_COMM_TRACE"
 FIELDS = ("seq", "step", "layer", "phase", "rows", "t_enter", "t_exit")
 
@@ -37,9 +39,18 @@ class CommTrace:
         else:
             self.dropped += 1
 
-    def save(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(self.path, self.rows[:self.n])
+    def save(self) -> Path | None:
+        """Write the record; a folder that cannot be written is logged, never raised (this runs
+        while a communicator closes, which must finish)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(self.path, self.rows[:self.n])
+        except OSError as e:
+            log.warning("rank %d: could not write its allreduce trace to %s: %s", self.rank, self.path, e)
+            return None
+        if self.dropped:
+            log.warning("rank %d: its allreduce trace kept the first %d calls and dropped %d", self.rank, self.n,
+                        self.dropped)
         return self.path
 
 
