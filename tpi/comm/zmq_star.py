@@ -6,11 +6,12 @@ protocol version, manifest digest), the star allreduce (sum in float32 in fixed 
 (a disconnect seen by the socket monitor is traced to a rank by probing each worker). Does not
 know: the model, generation, tokenizers. Messages are checked by ``wire.decode``; anything that
 fails is logged and dropped, never raised into the model from a stranger's frame. The allreduce's
-hot path checks a partial or a sum by comparing its header with the exact bytes expected (kind,
-tag, dtype, shape: one comparison) and its frame's size, and reads the tensor where ZeroMQ put it;
-anything else still goes through ``wire.decode``. With a ring, tree or gloo collective (see
-collectives.py, set up by a PEERS message before the first step) the star carries the control
-messages only and hands ``all_reduce`` to that collective.
+hot path checks a partial or a sum by comparing its binary header with the exact bytes expected
+(kind, tag, dtype, shape: one comparison) and its frame's size, and reads the tensor where ZeroMQ
+put it; anything else still goes through ``wire.decode``. Every call's time is counted
+(``allreduce_s``) and, with ``TPI_COMM_TRACE`` set, recorded (trace.py). With a ring, tree or gloo
+collective (see collectives.py, set up by a PEERS message before the first step) the star carries
+the control messages only and hands ``all_reduce`` to that collective.
 """
 
 from __future__ import annotations
