@@ -5,9 +5,11 @@ collective lives in those same processes at once: tpi's star (``StarMaster``/``S
 from tpi/comm/zmq_star.py, used as a library, as the cluster uses it), the ring and the tree
 (tpi/comm/ring.py, tree.py), torch.distributed's gloo (tpi/comm/gloo.py), and a bare pyzmq
 star (ROUTER/DEALER, raw float32 bytes, no header, no checks, numpy sum in rank order): the
-floor our star is measured against. After `--warmup` calls of each, the (collective, size)
-pairs are interleaved call by call, `--rounds` x `--iters` iterations of one call each, the
-order rotating every iteration, so that this shared machine's drifts and bursts hit all alike.
+floor our star is measured against, given a numpy array and returning one; `bare_torch` is the
+same bare star called as tpi's collectives are, with a torch tensor in and a torch tensor out.
+After `--warmup` calls of each, the (collective, size) pairs are interleaved call by call,
+`--rounds` x `--iters` iterations of one call each, the order rotating every iteration, so that
+this shared machine's drifts and bursts hit all alike.
 Rank 0 times each call; the table quotes the median and p99 and each collective's median over
 the bare star's.
 
@@ -31,13 +33,14 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-ALGOS = ("bare", "star", "ring", "tree", "gloo")
+ALGOS = ("bare", "bare_torch", "star", "ring", "tree", "gloo")
 TIMEOUT_MS = 60_000
 
 
@@ -148,6 +151,7 @@ class Ranks:
         for name in ("ring", "tree", "gloo"):
             if getattr(self, name) is not None:
                 getattr(self, name).connect([a[name] for a in addresses])
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # bare_torch's sum
 
     def call(self, algo: str, size: int):
         """A zero-argument function running one allreduce of `algo` at `size` values."""
@@ -158,6 +162,8 @@ class Ranks:
         if algo == "bare":
             x = partial.numpy().reshape(-1)
             return lambda i: self.bare.all_reduce(x)
+        if algo == "bare_torch":  # the same, from and to torch tensors as the model's allreduce is
+            return lambda i: torch.from_numpy(self.bare.all_reduce(partial.numpy().reshape(-1))).view(1, size)
         comm = self.stars[size] if algo == "star" else getattr(self, algo)
         return lambda i: comm.all_reduce(partial, Tag(1, i, 0, 0))
 
@@ -278,7 +284,10 @@ def summarize(results: dict[int, dict], args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[float, float]]) -> str:
     head = "| ranks | values |" + "".join(f" {a} median (p99) µs |" + ("" if a == "bare" else f" {a}/bare |")
-                                          for a in args.algos) + " model picks | fastest of star/ring/tree |"
+                                          for a in args.algos)
+    if "star" in args.algos and "bare_torch" in args.algos:
+        head += " star/bare_torch |"
+    head += " model picks | fastest of star/ring/tree |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [str(r["world"]), str(r["size"])]
@@ -287,6 +296,8 @@ def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[flo
             cells.append(f"{med:.0f} ({p99:.0f})")
             if a != "bare":
                 cells.append(f"{med / r['bare'][0]:.2f}x" if "bare" in args.algos else "-")
+        if "star" in args.algos and "bare_torch" in args.algos:
+            cells.append(f"{r['star'][0] / r['bare_torch'][0]:.2f}x")
         cells += [r["model"], r["fastest"]]
         lines.append("| " + " | ".join(cells) + " |")
     cores = os.cpu_count()
