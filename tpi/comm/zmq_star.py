@@ -619,6 +619,7 @@ class StarWorker:
         if self.monitor in events:
             parse_monitor_message(self.monitor.recv_multipart())
             if joined:
+                self._shutdown_sent()
                 raise MasterLost(f"rank {self.rank}: lost the connection to the master at {self.master}")
         if self.sock not in events:
             return None
@@ -627,6 +628,15 @@ class StarWorker:
         except WireError as e:
             log.warning("rank %d refused a message from the master: %s", self.rank, e)
             return None
+
+    def _shutdown_sent(self) -> None:
+        """After a disconnect: a SHUTDOWN the master sent just before it closed may still wait in the
+        socket, seen in the same poll as the disconnect; it counts (the worker exits rather than
+        waiting to rejoin a master that stopped on purpose)."""
+        while self.sock.poll(0):
+            msg = self._decode(self.sock.recv_multipart(copy=False))
+            if msg is not None and msg.kind == Kind.SHUTDOWN:
+                raise Shutdown(f"rank {self.rank}: the master asked us to stop")
 
     def receive(self, timeout: float | None = None) -> Message:
         """Next control message (STEP, FREE, CANCEL, SHUTDOWN); raises CommError on timeout."""
@@ -742,6 +752,7 @@ class StarWorker:
         while True:
             if self.monitor.poll(0):
                 parse_monitor_message(self.monitor.recv_multipart())
+                self._shutdown_sent()
                 raise MasterLost(f"rank {self.rank}: lost the connection to the master at {self.master}")
             if not self.sock.poll(0):
                 return
