@@ -136,16 +136,14 @@ def _encode_hot(msg: Message) -> list:
     t = msg.tensor.contiguous()
     if any(not 0 <= v < MAX_INT for v in (msg.seq, msg.step, msg.start)):
         raise ValueError(f"{msg.kind.name}: seq, step and start must be in [0, 2**62)")
-    header = HOT.pack(HOT_MAGIC, msg.kind, msg.phase, HOT_CODES[DTYPE_NAMES[t.dtype]], msg.layer, msg.seq,
-                      msg.step, msg.start, msg.length, t.shape[1])
-    return [header, _memory(t)]
+    return [tensor_header(msg.kind, msg.tag, msg.length, DTYPE_NAMES[t.dtype], t.shape[1], msg.start), _memory(t)]
 
 
-def tensor_header(kind: Kind, tag: Tag, length: int, dtype: str, hidden: int) -> bytes:
-    """The exact header bytes `encode` writes for a PARTIAL or REDUCED [length, hidden] of `tag`
-    (start 0). The star's hot path compares a received header with these bytes: one comparison
-    checks kind, tag, dtype and shape. `dtype` may name a payload (payload.py's labels)."""
-    return HOT.pack(HOT_MAGIC, kind, tag.phase, HOT_CODES[dtype], tag.layer, tag.seq, tag.step, 0, length, hidden)
+def tensor_header(kind: Kind, tag: Tag, length: int, dtype: str, hidden: int, start: int = 0) -> bytes:
+    """The exact header bytes `encode` writes for a PARTIAL or REDUCED [length, hidden] of `tag`.
+    The star's hot path compares a received header with these bytes: one comparison checks kind,
+    tag, dtype and shape. `dtype` may name a payload (payload.py's labels)."""
+    return HOT.pack(HOT_MAGIC, kind, tag.phase, HOT_CODES[dtype], tag.layer, tag.seq, tag.step, start, length, hidden)
 
 
 @dataclass(frozen=True)
