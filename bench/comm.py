@@ -8,8 +8,9 @@ star (ROUTER/DEALER, raw float32 bytes, no header, no checks, numpy sum in rank 
 floor our star is measured against, given a numpy array and returning one; `bare_torch` is the
 same bare star called as tpi's collectives are, with a torch tensor in and a torch tensor out.
 After `--warmup` calls of each, the (collective, size) pairs are interleaved call by call,
-`--rounds` x `--iters` iterations of one call each, the order rotating every iteration, so that
-this shared machine's drifts and bursts hit all alike.
+`--rounds` x `--iters` iterations of one call each, in a new random order every iteration (the
+same on every rank), so that this shared machine's drifts and bursts hit all alike and no
+collective always follows the same one.
 Rank 0 times each call; the table quotes the median and p99 and each collective's median over
 the bare star's.
 
@@ -154,18 +155,22 @@ class Ranks:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # bare_torch's sum
 
     def call(self, algo: str, size: int):
-        """A zero-argument function running one allreduce of `algo` at `size` values."""
+        """(run, reset): `run(i)` makes one allreduce of `algo` at `size` values; `reset()`, untimed,
+        puts the partial's values back (the star sums a float32 partial in place, as the model's
+        fresh partials may be; every collective gets the same reset, so the same cache state)."""
         from tpi.comm.wire import Tag
 
         gen = torch.Generator().manual_seed(self.rank)
-        partial = torch.randn(1, size, generator=gen)  # [1, D]: one token's hidden state
+        template = torch.randn(1, size, generator=gen)  # [1, D]: one token's hidden state
+        partial = template.clone()
+        reset = lambda: partial.copy_(template)  # noqa: E731
         if algo == "bare":
             x = partial.numpy().reshape(-1)
-            return lambda i: self.bare.all_reduce(x)
+            return (lambda i: self.bare.all_reduce(x)), reset
         if algo == "bare_torch":  # the same, from and to torch tensors as the model's allreduce is
-            return lambda i: torch.from_numpy(self.bare.all_reduce(partial.numpy().reshape(-1))).view(1, size)
+            return (lambda i: torch.from_numpy(self.bare.all_reduce(partial.numpy().reshape(-1))).view(1, size)), reset
         comm = self.stars[size] if algo == "star" else getattr(self, algo)
-        return lambda i: comm.all_reduce(partial, Tag(1, i, 0, 0))
+        return (lambda i: comm.all_reduce(partial, Tag(1, i, 0, 0))), reset
 
     def close(self) -> None:
         for c in [*self.stars.values(), self.ring, self.tree, self.gloo, self.bare]:
@@ -210,21 +215,27 @@ def measure_loopback(ranks: Ranks) -> tuple[float, float] | None:
 
 def run_schedule(ranks: Ranks, args: dict) -> dict[str, list[float]]:
     """Every (collective, size) warmed up, then interleaved call by call: each iteration runs one
-    allreduce of each, in an order that rotates every iteration, so that this shared machine's
-    drifts and bursts fall on all of them alike (a paired comparison, not one block after another)."""
+    allreduce of each, in a fresh random order (seeded alike on every rank), so that this shared
+    machine's drifts and bursts fall on all of them alike (a paired comparison, not one block after
+    another) and each follows every other equally often: a collective's aftermath (its peers' last
+    acknowledgements, threads going back to sleep, caches it evicted) is not always paid by the same
+    neighbour, as a fixed rotation would make it."""
     configs = [(algo, size) for size in args["sizes"] for algo in args["algos"]]
     times: dict[str, list[float]] = {f"{a}/{s}": [] for a, s in configs}
-    fns = [(ranks.call(a, s), times[f"{a}/{s}"]) for a, s in configs]
-    for fn, _ in fns:
+    fns = [(*ranks.call(a, s), times[f"{a}/{s}"]) for a, s in configs]
+    for fn, reset, _ in fns:
         for i in range(args["warmup"]):
             fn(i)
+            reset()
     i = args["warmup"]
-    for k in range(args["rounds"] * args["iters"]):
-        r = k % len(fns)
-        for fn, out in fns[r:] + fns[:r]:
+    order = np.random.default_rng(1234)  # the same seed on every rank: every rank calls the same collective
+    for _ in range(args["rounds"] * args["iters"]):
+        for j in order.permutation(len(fns)):
+            fn, reset, out = fns[j]
             t0 = time.perf_counter()
             fn(i)
             out.append(time.perf_counter() - t0)
+            reset()
         i += 1
     return times
 
@@ -306,7 +317,7 @@ def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[flo
         f"Loopback, {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
         f"1 torch thread per rank, {'rank r pinned to core r mod ' + str(cores) if args.pin else 'ranks not pinned'}; "
         f"{args.rounds * args.iters} timed allreduces per cell (after {args.warmup} "
-        "warm-up), all cells interleaved call by call in an order rotating every iteration; rank 0's time "
+        "warm-up), all cells interleaved call by call in a new random order every iteration; rank 0's time "
         "per call.",
         f"World sizes above {cores} oversubscribe this machine's {cores} cores: every hop then waits for the "
         "scheduler, which punishes the collectives with more sequential hops (ring: 2(N-1), tree: 2 log2 N) "

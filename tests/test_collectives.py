@@ -104,6 +104,14 @@ def _rank(rank: int, world: int, up, down) -> None:
                 out = comms[name].all_reduce(partial(rank, world, i), Tag(1, i, 0, 0))
                 assert out.shape == shape and out.dtype == torch.float32
                 results[(name, i)] = out.numpy().tobytes()
+        # the star sums a contiguous float32 partial in its own memory (and hands it back); a
+        # non-contiguous one, the same values, takes the copying path to the same bytes
+        p = partial(rank, world, 0)
+        out = comms["star/float32"].all_reduce(p, Tag(1, 7, 0, 0))
+        results[("star/float32", "in place")] = out is p
+        strided = partial(rank, world, 0).t().contiguous().t()
+        out = comms["star/float32"].all_reduce(strided, Tag(1, 8, 0, 0))
+        results[("star/float32", "strided")] = out.numpy().tobytes()
         up.put(("done", rank, results))
     except BaseException:
         up.put(("error", rank, traceback.format_exc()))
@@ -146,6 +154,11 @@ def _tensor(raw: bytes, shape) -> torch.Tensor:
 @pytest.mark.parametrize("world", [2, 3, 4, 5])
 def test_collectives_equal_in_order_references(world: int) -> None:
     results = run_ranks(world)
+    for rank in range(world):
+        in_place = results[rank].pop(("star/float32", "in place"))
+        assert in_place is True, f"rank {rank}: the star copied a float32 partial"
+        strided = results[rank].pop(("star/float32", "strided"))
+        assert strided == results[rank][("star/float32", 0)], f"rank {rank}: a strided partial summed differently"
     for (name, i), raw in results[0].items():
         for rank in range(1, world):
             assert results[rank][(name, i)] == raw, f"{name}, shape {SHAPES[i]}: rank {rank} differs from rank 0"
