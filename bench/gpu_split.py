@@ -5,11 +5,16 @@ GPU budget holds a third of each rank's blocks, at world sizes 1 and 2, for
   ondemand  GPU-resident blocks on the GPU; each other block copied to the GPU whole when it is
             used (split ratio 1, no prefetch), then computed there,
   stream    the same, but the next block's copy starts while this one computes (ratio 1, prefetch),
-  split     the other blocks split by output rows: the CPU computes its share from host memory
-            on a worker thread while the GPU's share is copied over on a side stream (the next
-            block's while this one computes) and computed there; the ratio found at start by timing
-            the split path on synthetic blocks of the rank's shapes (the prediction),
-  split@r   the same at fixed ratios r (the sweep), to compare the predicted ratio with the best.
+  blocks    the other blocks shared whole (the default split): each computed on the CPU from host
+            memory or on the GPU from a copy, interleaved by hetero.plan_blocks so that the copy
+            engine brings the next GPU block over while the CPU computes; the GPU's share of the
+            host bytes measured at start from CPU and copy bandwidth, running at once (the prediction),
+  blocks@f  the same at fixed shares f (the sweep), to compare the predicted share with the best,
+  rows      every projection of the other blocks split by output rows: the CPU computes its rows
+            from host memory on a worker thread while the GPU's rows are copied over on a side
+            stream and computed there; the ratio found at start by timing that path on synthetic
+            blocks of the rank's shapes,
+  rows@r    the same at fixed ratios r.
 
 All configurations of a world size are alive at once and measured in rotating order, a round at a
 time; the table quotes medians over rounds. Also probes CPU, copy and concurrent bandwidth, small
@@ -92,12 +97,15 @@ def write_llama(path: Path, shape: str, dtype: torch.dtype, layers: int | None =
 
 
 
-def settings(budget: int, dtype: str, sweep: list[float], wanted: list[str]) -> list[tuple[str, dict, bool]]:
+def settings(budget: int, dtype: str, sweep: list[float], rows_sweep: list[float], wanted: list[str]
+             ) -> list[tuple[str, dict, bool]]:
     """(name, LocalCluster keywords, prefetch) for each configuration asked for."""
     gpu = dict(dtype=dtype, device="cuda", gpu_memory_budget=budget)
-    out = [("cpu", dict(dtype=dtype), True), ("ondemand", dict(gpu, split_ratio=1.0), False),
-           ("stream", dict(gpu, split_ratio=1.0), True), ("split", gpu, True)]
-    out += [(f"split@{r:g}", dict(gpu, split_ratio=r), True) for r in sweep]
+    out = [("cpu", dict(dtype=dtype), True), ("ondemand", dict(gpu, split_mode="rows", split_ratio=1.0), False),
+           ("stream", dict(gpu, split_mode="rows", split_ratio=1.0), True),
+           ("blocks", dict(gpu, split_mode="blocks"), True), ("rows", dict(gpu, split_mode="rows"), True)]
+    out += [(f"blocks@{r:g}", dict(gpu, split_mode="blocks", split_ratio=r), True) for r in sweep]
+    out += [(f"rows@{r:g}", dict(gpu, split_mode="rows", split_ratio=r), True) for r in rows_sweep]
     return [s for s in out if s[0] in wanted or ("sweep" in wanted and "@" in s[0])]
 
 
@@ -116,7 +124,8 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
     """Every configuration started (one after the other: each measures its ratio undisturbed),
     then `repeats` rounds of one generation each, in rotating order."""
     ids = list(range(100, 132))
-    chosen = settings(budget, args.dtype, [float(r) for r in args.sweep.split(",") if r], args.settings.split(","))
+    chosen = settings(budget, args.dtype, [float(r) for r in args.sweep.split(",") if r],
+                      [float(r) for r in args.rows_sweep.split(",") if r], args.settings.split(","))
     threads = max(1, args.cores // world)
     with ExitStack() as stack:
         live = []
@@ -136,6 +145,7 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
             stats = cluster.stats()
             rows.append({"world": world, "setting": name, "ms": statistics.median(ms[name]), "all_ms": ms[name],
                          "ratio": stats[0]["split_ratio"], "ratios": [r["split_ratio"] for r in stats],
+                         "gpu_share": [r["split_gpu_share"] for r in stats],
                          "gpu_blocks": sum(r["gpu_blocks"] for r in stats),
                          "host_blocks": sum(r["pinned_blocks"] + r["streamed_blocks"] for r in stats)})
             ratios = "/".join(f"{r:.3g}" for r in rows[-1]["ratios"])
@@ -293,9 +303,10 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
     manifest, comm = Manifest.load(shard), SingleRank()
     OUT.mkdir(parents=True, exist_ok=True)
     for name in args.profile.split(","):
-        ratio = None if name == "split" else 1.0 if name in ("ondemand", "stream") else float(name.split("@")[1])
-        mem = MemoryOptions(device="cuda", gpu_memory_budget=budget, split_ratio=ratio,
-                            gpu_prefetch=name != "ondemand")
+        family = name.split("@")[0]
+        ratio = 1.0 if family in ("ondemand", "stream") else float(name.split("@")[1]) if "@" in name else None
+        mem = MemoryOptions(device="cuda", gpu_memory_budget=budget, split_ratio=ratio, gpu_prefetch=name != "ondemand",
+                            split_mode="blocks" if family == "blocks" else "rows")
         m = RankModel(shard, manifest, 0, 512, memory=mem, threads=args.cores)
         try:
             with torch.inference_mode():
@@ -345,9 +356,10 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2")
     ap.add_argument("--repeats", type=int, default=5, help="rounds (the table quotes medians)")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--sweep", default="0.5,0.6,0.7,0.8")
+    ap.add_argument("--sweep", default="0.3,0.4,0.5,0.6", help="block split: GPU shares of the host bytes to time")
+    ap.add_argument("--rows-sweep", default="0.8", help="row split: ratios to time")
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="torch threads, shared by the ranks")
-    ap.add_argument("--settings", default="cpu,ondemand,stream,split,sweep", help="which rows to run")
+    ap.add_argument("--settings", default="cpu,ondemand,stream,blocks,rows,sweep", help="which rows to run")
     ap.add_argument("--profile", default="", help="settings to profile in this process first (world 1)")
     ap.add_argument("--profile-threads", default="", help="with --profile: also time the split's worker at these "
                     "torch thread counts (e.g. 15,8,4)")
@@ -388,23 +400,26 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
              f"{args.repeats} rounds x {args.new_tokens} tokens", "", f"`{shlex.join(['python', *sys.argv])}`", ""]
     if probes:
         lines += ["probe: " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()), ""]
-    lines += ["| world | setting | ms/token | GPU share of host rows | GPU / host blocks | vs best of cpu, ondemand "
-              "| vs stream |", "|---|---|---|---|---|---|---|"]
+    lines += ["| world | setting | ms/token | split ratio | GPU share of host bytes | GPU / host blocks "
+              "| vs best of cpu, ondemand | vs stream |", "|---|---|---|---|---|---|---|---|"]
     for world in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == world]
         best = min((r["ms"] for r in mine if r["setting"] in BASELINES), default=float("nan"))
         stream = next((r["ms"] for r in mine if r["setting"] == "stream"), float("nan"))
         for r in mine:
-            lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['gpu_blocks']} / "
-                         f"{r['host_blocks']} | {best / r['ms']:.2f}x | {stream / r['ms']:.2f}x |")
+            shares = "/".join(f"{v:.2f}" for v in r["gpu_share"])
+            lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {shares} | "
+                         f"{r['gpu_blocks']} / {r['host_blocks']} | {best / r['ms']:.2f}x | {stream / r['ms']:.2f}x |")
     lines.append("")
     for world in sorted({r["world"] for r in rows}):
-        splits = [r for r in rows if r["world"] == world and r["setting"].startswith("split")]
-        predicted = next((r for r in splits if r["setting"] == "split"), None)
-        if splits and predicted:
-            fastest = min(splits, key=lambda r: r["ms"])
-            lines.append(f"world {world}: predicted ratio {predicted['ratio']:.2f} ({predicted['ms']:.1f} ms/token); "
-                         f"fastest measured ratio {fastest['ratio']:.2f} ({fastest['ms']:.1f} ms/token)")
+        for family in ("blocks", "rows"):
+            splits = [r for r in rows if r["world"] == world and r["setting"].split("@")[0] == family]
+            predicted = next((r for r in splits if r["setting"] == family), None)
+            if splits and predicted:
+                fastest = min(splits, key=lambda r: r["ms"])
+                lines.append(f"world {world}, {family}: ratio found at start {predicted['ratio']:.2f} "
+                             f"({predicted['ms']:.1f} ms/token); fastest measured {fastest['ratio']:.2f} "
+                             f"({fastest['ms']:.1f} ms/token)")
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -424,15 +439,19 @@ def plot(rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4), squeeze=False)
     for ax, world in zip(axes[0], worlds, strict=True):
         mine = [r for r in rows if r["world"] == world]
-        sweep = sorted((r["ratio"], r["ms"]) for r in mine if r["setting"].startswith("split"))
-        ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="split")
+        for family, color in (("blocks", "C0"), ("rows", "C1")):
+            sweep = sorted((r["ratio"], r["ms"]) for r in mine if r["setting"].split("@")[0] == family)
+            ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", color=color, label=f"{family} split")
+            for r in mine:
+                if r["setting"] == family:
+                    ax.plot([r["ratio"]], [r["ms"]], "*", color=color, markersize=14,
+                            label=f"{family}: ratio found at start")
         for r in mine:
-            if r["setting"] == "split":
-                ax.plot([r["ratio"]], [r["ms"]], "r*", markersize=14, label="predicted ratio")
-            elif not r["setting"].startswith("split"):
+            if r["setting"] in ("cpu", "ondemand", "stream"):
                 ax.axhline(r["ms"], linestyle="--", color={"cpu": "gray", "ondemand": "k", "stream": "g"}[r["setting"]],
                            label=r["setting"])
-        ax.set(title=f"world size {world}", xlabel="GPU share of host blocks' rows", ylabel="ms/token", ylim=(0, None))
+        ax.set(title=f"world size {world}", ylabel="ms/token", ylim=(0, None),
+               xlabel="split ratio (blocks: GPU share of host bytes; rows: of each projection's rows)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(OUT / "gpu_split.png", dpi=110)

@@ -44,8 +44,11 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: with a GPU, the KV cache and the blocks "
                    "that fit --gpu-memory-budget live on it, and the rest is split between CPU and GPU")
     p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
-    p.add_argument("--split-ratio", type=float, help="share of each host block's output rows computed on the GPU "
-                   "(default: measured at start from CPU and copy bandwidth)")
+    p.add_argument("--split-mode", choices=["blocks", "rows"], default="blocks",
+                   help="how host blocks (those not on the GPU) are shared: blocks (default): each computed whole, "
+                   "on the CPU or on the GPU from a copy, interleaved; rows: every projection split by output rows")
+    p.add_argument("--split-ratio", type=float, help="the GPU's share of the host blocks: of their bytes (blocks) or "
+                   "of each projection's rows (rows); default: measured at start")
     p.add_argument("--lost-timeout", type=float, default=3.0,
                    help="seconds of silence (heartbeats) after which a peer is declared lost (default 3)")
     p.add_argument("--curve-key", help="this node's key file from `tpi keys`: encrypt and authenticate the links")
@@ -160,7 +163,7 @@ def _memory(args):
 
     parse_bytes(args.memory_budget)
     return MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all, args.device,
-                         args.gpu_memory_budget, args.split_ratio, verify_shards=args.verify_shards)
+                         args.gpu_memory_budget, args.split_mode, args.split_ratio, verify_shards=args.verify_shards)
 
 
 def _curve(args, role: str, address: str):
@@ -327,7 +330,8 @@ def cmd_run(args) -> None:
                       start_timeout=args.join_timeout, progress=True, window=mem.window,
                       memory_budget=mem.memory_budget, drop_page_cache=mem.drop_page_cache,
                       stream_all=mem.stream_all, device=mem.device, gpu_memory_budget=mem.gpu_memory_budget,
-                      split_ratio=mem.split_ratio, verify_shards=mem.verify_shards, collective=args.collective,
+                      split_mode=mem.split_mode, split_ratio=mem.split_ratio, verify_shards=mem.verify_shards,
+                      collective=args.collective,
                       payload=args.payload) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args)}

@@ -9,7 +9,7 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import Splitter, calibrate, share_bytes
+from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_blocks, share_bytes
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -81,18 +81,58 @@ def test_splitter_validates():
         Splitter("cpu", 0.5, _slot(blocks, 0.4)).weights(0, blocks[0])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size):
+@pytest.mark.parametrize("mode", ["rows", "blocks"])
+def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size, mode):
     path, _ = tiny_models("qwen2")  # biases on q/k/v exercise the bias split too
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, ref_tokens = cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=12)
-    for ratio in (0.0, 0.3, 1.0):  # 0.3 streams every block (no prefetch), the others pin them (prefetch)
-        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, split_ratio=ratio,
-                          stream_all=ratio == 0.3) as cluster:
+    shares = []
+    middle = 0.3 if mode == "rows" else 0.6  # blocks: attention alone is about a third of the bytes here
+    for ratio in (0.0, middle, 1.0):  # the middle one streams every block (no prefetch), the others pin them
+        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, split_mode=mode, split_ratio=ratio,
+                          stream_all=ratio == middle) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-5)
             assert cluster.generate(PROMPT, max_new_tokens=12) == ref_tokens
-            assert all(r["split_ratio"] == ratio for r in cluster.stats())
+            stats = cluster.stats()
+            assert all(r["split_ratio"] == ratio and r["split_mode"] == mode for r in stats)
+            shares.append(stats[0]["split_gpu_share"])
+    # rows: the share is the ratio; blocks: whole blocks, attention always on the accelerator side
+    assert shares[0] < shares[1] < shares[2] == 1.0
+    assert shares[0] == 0.0 if mode == "rows" else 0.0 < shares[0] < 0.5
+
+
+def test_plan_blocks_interleaves_whole_blocks():
+    assert plan_blocks([1] * 6, 0.5) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert plan_blocks([1] * 4, 0.0) == [0.0] * 4 and plan_blocks([1] * 4, 1.0) == [1.0] * 4
+    # attention (not movable) stays on the accelerator; the FFN blocks and head chunks make up the rest
+    sizes, movable = [134, 270] * 3 + [87, 87, 88], [False, True] * 3 + [True] * 3
+    plan = plan_blocks(sizes, 0.5, movable)
+    assert all(r == 1.0 for r, m in zip(plan, movable) if not m)
+    share = sum(s * r for s, r in zip(sizes, plan)) / sum(sizes)
+    assert abs(share - 0.5) <= 88 / sum(sizes)  # as near as whole blocks allow
+    assert plan_blocks([10, 0, 10], 0.5) == [1.0, 0.0, 0.0]  # an empty block has nothing to copy
+    with pytest.raises(ValueError, match="fraction=1.5"):
+        plan_blocks([1], 1.5)
+    with pytest.raises(ValueError, match="cpu_ok has 1 entries for 2 blocks"):
+        plan_blocks([1, 2], 0.5, [True])
+
+
+def test_splitter_per_block_ratios():
+    """Blocks with their own ratio: 0 queues nothing (the CPU computes it whole), 1 copies it all."""
+    blocks = _blocks(3, pin=False)
+    x = torch.randn(2, 64)
+    with Splitter("cpu", 0.5, _slot(blocks, 1.0), ratios={0: 1.0, 1: 0.0}) as sp:
+        assert [sp.ratio_of(k) for k in range(3)] == [1.0, 0.0, 0.5]
+        sp.upcoming(1, blocks[1])
+        assert not sp._blocks  # nothing of block 1 goes to the accelerator
+        for i in (0, 2):
+            y = sp.weights(i, blocks[i])["up_proj.weight"](x)
+            sp.finish(i)
+            assert_close(y, torch.nn.functional.linear(x, blocks[i]["up_proj.weight"]), rel=1e-5)
+    with pytest.raises(ValueError, match="split ratio=2"):
+        Splitter("cpu", 0.5, 0, ratios={0: 2})
 
 
 @pytest.mark.timeout(60)
@@ -117,18 +157,19 @@ def _slots(shard_dir, ratio: float) -> int:
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size):
+@pytest.mark.parametrize("mode", ["rows", "blocks"])
+def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size, mode):
     path, _ = tiny_models("qwen2")
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, stats, shard = cluster.forward(PROMPT), cluster.stats()[0], cluster.shard_dir
     kv, block = stats["kv_cache_bytes"], stats["largest_block_bytes"]
     placements = []
+    slots = (lambda r: _slots(shard, r)) if mode == "rows" else (lambda r: _slots(shard, 1.0))  # blocks: whole ones
     # room for the KV cache and the copy slots only (every block split; streamed: no prefetch),
     # for some blocks, for every block
-    configs = ((kv + _slots(shard, 0.3), 0.3, True), (kv + _slots(shard, 0.7) + 2 * block, 0.7, False),
-               ("50MB", 0.5, False))
+    configs = ((kv + slots(0.3), 0.3, True), (kv + slots(0.7) + 2 * block, 0.7, False), ("50MB", 0.5, False))
     for budget, ratio, stream in configs:
-        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda",
+        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda", split_mode=mode,
                           gpu_memory_budget=budget, split_ratio=ratio, stream_all=stream) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
             placements.append(cluster.stats()[0]["gpu_blocks"])
@@ -140,16 +181,18 @@ def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size):
 
 @needs_cuda
 @pytest.mark.timeout(300)
-def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache):
+@pytest.mark.parametrize("mode", ["rows", "blocks"])
+def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache, mode):
     path, model, tok = smollm2
     ids = list(tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
                                        add_generation_prompt=True, tokenize=True, return_dict=False))
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     with LocalCluster(path, world_size=1, cache_dir=split_cache, device="cuda", gpu_memory_budget="250MB",
-                      split_ratio=0.5) as cluster:
+                      split_mode=mode, split_ratio=0.5) as cluster:
         stats = cluster.stats()[0]
         assert stats["gpu_blocks"] > 0 and stats["streamed_blocks"] + stats["pinned_blocks"] > 0
+        assert 0 < stats["split_gpu_share"] < 1
         assert cluster.generate(ids, max_new_tokens=24) == ref
 
 
@@ -164,3 +207,24 @@ def test_calibrated_ratio_is_the_fastest_timed(device):
     unit = sum(4 * a * b for block in blocks for a, b in block.values())
     r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 30, passes=1, max_copies=2)
     assert r["bytes"] == 2 * unit  # a small model's walk is no longer than its layers, whatever the caches
+
+
+def test_measure_bandwidths_needs_cuda():
+    with pytest.raises(ValueError, match="device=cpu: measuring copy bandwidth needs a CUDA device"):
+        measure_bandwidths(torch.device("cpu"), torch.float32, (64, 64))
+
+
+@needs_cuda
+@pytest.mark.timeout(300)
+def test_block_split_measures_its_fraction(tiny_models, split_cache):
+    r = measure_bandwidths(torch.device("cuda"), torch.float32, (256, 256), threads=2, nbytes=64 << 20)
+    assert r["cpu_Bps"] > 0 and r["copy_Bps"] > 0 and 0 < r["fraction"] < 1
+    path, _ = tiny_models("llama")
+    with LocalCluster(path, world_size=1, cache_dir=split_cache) as cluster:
+        ref, stats, shard = cluster.forward(PROMPT), cluster.stats()[0], cluster.shard_dir
+    budget = stats["kv_cache_bytes"] + _slots(shard, 1.0) + stats["largest_block_bytes"]  # some blocks stay on the host
+    with LocalCluster(path, world_size=1, cache_dir=split_cache, device="cuda", gpu_memory_budget=budget) as cluster:
+        stats = cluster.stats()[0]
+        assert stats["split_mode"] == "blocks" and 0 < stats["split_ratio"] < 1  # measured at start
+        assert stats["pinned_blocks"] + stats["streamed_blocks"] > 0
+        assert_close(cluster.forward(PROMPT), ref, rel=1e-4)

@@ -105,7 +105,8 @@ class LocalCluster:
                  start_timeout: float = 300.0, progress: bool = False, window: int | None = None,
                  memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
                  stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
-                 split_ratio: float | None = None, worker_cache_dir: str | os.PathLike | None = None,
+                 split_mode: str = "blocks", split_ratio: float | None = None,
+                 worker_cache_dir: str | os.PathLike | None = None,
                  lost_timeout: float = 3.0, curve: bool = False, verify_shards: bool = True,
                  collective: str = "star", payload: str | None = None):
         """`worker_cache_dir`: workers read no split folder but fetch their shards from the master
@@ -127,8 +128,10 @@ class LocalCluster:
             raise ClusterError(f"memory_budget has {len(budgets)} values; expected one per rank, {world_size}")
         for b in budgets:
             parse_bytes(b)  # refuse a malformed budget here, before any process starts
-        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all, device, gpu_memory_budget, split_ratio,
-                                     verify_shards=verify_shards) for b in budgets]
+        if split_mode not in ("blocks", "rows"):
+            raise ClusterError(f"split_mode={split_mode!r}: expected 'blocks' or 'rows'")
+        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all, device, gpu_memory_budget, split_mode,
+                                     split_ratio, verify_shards=verify_shards) for b in budgets]
         self.shard_dir: Path | None = None
         self.ranks: RankProcesses | None = None
         self._ctx: zmq.Context | None = None

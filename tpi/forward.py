@@ -8,8 +8,10 @@ Communicator), tokenizers, sampling, HTTP.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import psutil
 import torch
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError, parse_bytes
-from tpi.hetero import SPLIT_COUNTERS, Splitter, calibrate, is_projection, share_bytes
+from tpi.hetero import SPLIT_COUNTERS, Splitter, calibrate, is_projection, measure_bandwidths, plan_blocks, share_bytes
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
@@ -35,8 +37,12 @@ class MemoryOptions:
     stream_all: bool = False  # pin nothing whatever the budget: for measuring and testing streaming
     device: str = "cpu"  # "cuda" / "cuda:1": KV cache and the blocks that fit gpu_memory_budget on the GPU
     gpu_memory_budget: int | str | None = None  # None with a GPU: 90% of its free memory
-    # share of each host block's output rows computed on the accelerator; None: measured with a GPU,
-    # no split without one. With device "cpu" a ratio runs the split path with both parts on the CPU.
+    # "blocks": each host block computed whole, on the CPU from host memory or on the accelerator from
+    # a copy, interleaved (hetero.plan_blocks); "rows": every host block's projections split by output rows
+    split_mode: Literal["blocks", "rows"] = "blocks"
+    # the accelerator's share of the host blocks (blocks: of their bytes; rows: of each projection's
+    # rows); None: measured with a GPU, no split without one. With device "cpu" a ratio runs the
+    # split path with both parts on the CPU (how CI tests it).
     split_ratio: float | None = None
     gpu_prefetch: bool = True  # copy the next host block's GPU share while this one computes
     verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
@@ -91,18 +97,21 @@ class RankModel:
                              self.dtype, slots, self.device)
         specs = [block_spec(shard_dir, manifest, rank, layer, kind)
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
+        if memory.split_mode not in ("blocks", "rows"):
+            raise ConfigError(f"split_mode={memory.split_mode!r}: expected 'blocks' or 'rows'")
         ratio = self._split_ratio(memory, specs, threads)
-        slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, ratio)  # any block may end up on the host
+        blocks_mode = memory.split_mode == "blocks"
+        # any block may end up on the host; a block split copies whole projections
+        slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
         reserve = SPLIT_SLOTS * slot + small
         self.gpu_blocks = self._place_on_gpu(specs, memory, reserve) if self.device.type == "cuda" else {}
         all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
-        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads)
         self.prefetch = memory.gpu_prefetch
         self.index = {spec.key: i for i, spec in enumerate(specs)}
         self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
         if rank == 0:
             largest = max((s.nbytes for s in specs), default=64 << 20)
-            if self.split:  # LM-head chunks no larger than a projection, so that their GPU rows fit a copy slot
+            if ratio is not None:  # LM-head chunks no larger than a projection, so that their GPU rows fit a copy slot
                 largest = min(largest, max((t.nbytes for s in all_specs for t in s.tensors), default=largest))
             self.embed_info, norm_info, head_path, chunks = head_specs(shard_dir, manifest, largest)
             for spec, a, b in chunks:
@@ -110,6 +119,11 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
+        plan = {} if ratio is None or not blocks_mode else dict(zip(  # attention stays where its KV cache is
+            (s.key for s in specs), plan_blocks([s.nbytes for s in specs], ratio, [s.key[1] != "attn" for s in specs]),
+            strict=True))
+        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
+        self.split_mode = memory.split_mode
         host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
         fixed = runtime + host_kv + self._activation_bytes(shard)
         budget = parse_bytes(memory.memory_budget)
@@ -146,7 +160,8 @@ class RankModel:
             "block_bytes": sum(b.nbytes for b in blocks),
             "largest_block_bytes": max((b.nbytes for b in blocks), default=0), "kv_cache_bytes": self.cache.nbytes,
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
-            "split_ratio": self.split.ratio if self.split else 0.0,
+            "split_ratio": self.split.ratio if self.split else 0.0, "split_mode": self.split_mode if self.split else "",
+            "split_gpu_share": self._gpu_share(),
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
             **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
@@ -170,12 +185,28 @@ class RankModel:
                 room -= spec.nbytes
         return chosen
 
+    def _gpu_share(self) -> float:
+        """The share of host-block bytes the accelerator computes (rows split: the ratio itself)."""
+        if self.split is None:
+            return 0.0
+        blocks = self.sched.blocks
+        total = sum(b.nbytes for b in blocks)
+        return sum(b.nbytes * self.split.ratio_of(b.key) for b in blocks) / total if total else 0.0
+
     def _split_ratio(self, memory: MemoryOptions, specs: list, threads: int) -> float | None:
-        """The configured ratio; with a GPU and none configured, the fastest one when the split path
-        is timed on this rank's projection shapes (one attention and one FFN block); None: no split."""
+        """The configured ratio; with a GPU and none configured, measured on this rank's shapes:
+        block split, the share of bytes at which the CPU's matmuls and the copy engine, running at
+        once, take equally long (hetero.measure_bandwidths, on its largest projection's shape); row
+        split, the fastest ratio when the split path is timed (one attention and one FFN block).
+        None: no split."""
         ratio = memory.split_ratio
         self.calibration: dict | None = None
-        if ratio is None and self.device.type == "cuda":
+        if ratio is None and self.device.type == "cuda" and memory.split_mode == "blocks":
+            shapes = [tuple(t.shape) for s in specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
+            if shapes:
+                self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads)
+                ratio = self.calibration["fraction"]
+        elif ratio is None and self.device.type == "cuda":
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
             blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
                       for s in firsts]
@@ -226,7 +257,7 @@ class RankModel:
         if i is None:  # no share of this block here: this rank adds nothing
             return torch.zeros_like(x)
         with self.sched.block(i) as w:
-            if self.split is None:
+            if self.split is None or self.split.ratio_of(key) == 0:  # the CPU computes it whole
                 return run(x, w)
             return self._run_split(i, key, x, w, run)
 
@@ -244,12 +275,16 @@ class RankModel:
         return {"lm_head.weight": w["weight"]} if key[1] == "head" else w
 
     def _prefetch_after(self, i: int) -> None:
-        """Queue the next host block's GPU rows (LM-head chunks included), so their copies start while
-        block i computes, if it stays in host memory (a streamed block's buffer is ours only inside its `with`)."""
-        j = (i + 1) % len(self.sched.blocks)
-        if self.prefetch and j in self.residency.pinned:
+        """Queue the next host block that has GPU rows (LM-head chunks included; blocks the CPU
+        computes whole are passed over), so that its copies start while block i and any CPU blocks
+        before it compute, if it stays in host memory (a streamed block's buffer is ours only inside its `with`)."""
+        n = len(self.sched.blocks)
+        for j in ((i + d) % n for d in range(1, n)) if self.prefetch else ():
             key = self.sched.blocks[j].key
-            self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
+            if self.split.ratio_of(key) > 0:
+                if j in self.residency.pinned:
+                    self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
+                return
 
     # -- rank 0 only ---------------------------------------------------------------------------
     def _resident_embedding(self, budget: int | None) -> list[tuple[int, int, torch.Tensor]] | None:
@@ -289,7 +324,7 @@ class RankModel:
         out = torch.empty((h.shape[0], self.cfg.vocab_size), dtype=torch.float32)
         for i, a, b in self.head_chunks:
             with self.sched.block(i) as w:
-                if self.split is None:
+                if self.split is None or self.split.ratio_of(self.sched.blocks[i].key) == 0:
                     out[:, a:b] = F.linear(hn, w["weight"])
                 else:  # split like the layers' projections
                     key = self.sched.blocks[i].key

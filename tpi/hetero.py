@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
@@ -163,9 +163,11 @@ class Splitter:
     first use. ``close`` (or ``with``) stops the worker."""
 
     def __init__(self, device: str | torch.device, ratio: float, slot_bytes: int, slots: int = 3,
-                 threads: int | None = None):
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"split ratio={ratio}: expected a number in [0, 1]")
+                 threads: int | None = None, ratios: Mapping[Hashable, float] | None = None):
+        for r in (ratio, *(ratios or {}).values()):
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"split ratio={r}: expected a number in [0, 1]")
+        self.ratios = dict(ratios or {})  # block key -> its own ratio (plan_blocks); others: `ratio`
         if slots < 1:
             raise ValueError(f"split slots={slots}: expected at least 1")
         self.device, self.ratio = torch.device(device), ratio
@@ -190,6 +192,10 @@ class Splitter:
         self._xh: torch.Tensor | None = None  # its host copy
         self._jobs: dict[tuple, _Job] = {}  # item -> its projection on _x, started
         self.counters = dict.fromkeys(SPLIT_COUNTERS, 0.0)
+
+    def ratio_of(self, key: Hashable) -> float:
+        """The accelerator's share of block `key`'s rows: 0 means the CPU computes the block whole."""
+        return self.ratios.get(key, self.ratio)
 
     @property
     def nbytes(self) -> int:
@@ -216,13 +222,14 @@ class Splitter:
     # -- queueing and copies -----------------------------------------------------------------------
     def upcoming(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
         """Block `key` runs after the queued ones: start copying its share when slots free up."""
-        if key not in self._blocks:
+        if key not in self._blocks and self.ratio_of(key) > 0:
             self._queue(key, w)
 
     def _queue(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
         self._blocks.append(key)
+        ratio = self.ratio_of(key)
         for name in _order(w):
-            rows = gpu_rows(w[name].shape[0], self.ratio)
+            rows = gpu_rows(w[name].shape[0], ratio)
             if rows:
                 self._todo.append(((key, name), w[name][w[name].shape[0] - rows:]))  # the last rows: contiguous
         self._top_up()
@@ -295,7 +302,7 @@ class Splitter:
                 out[name] = self._resident(key, name, t)
                 continue
             bias = w.get(f"{base}.bias")
-            rows = gpu_rows(t.shape[0], self.ratio)
+            rows = gpu_rows(t.shape[0], self.ratio_of(key))
             dev_bias = None
             if bias is not None and rows:
                 dev_bias = self._resident(key, f"{base}.bias", bias[len(bias) - rows:])
@@ -393,6 +400,74 @@ class SplitWeight:
             self.sp.release(slot)
             return y
         return self.sp.land(self.sp.begin(self, x))
+
+
+def plan_blocks(sizes: Sequence[int], fraction: float, cpu_ok: Sequence[bool] | None = None) -> list[float]:
+    """The block split: for host blocks of these sizes (bytes, in order of use), 1.0 (copied to the
+    accelerator whole and computed there) or 0.0 (computed whole on the CPU from host memory),
+    interleaved so that the accelerator's running share of the bytes stays as near `fraction` as
+    whole blocks allow; a block whose `cpu_ok` is False (an attention block: its KV cache is on the
+    accelerator) always goes to the accelerator. While the CPU computes one of its blocks, the copy
+    engine brings the next accelerator block over: neither waits for the other inside a block, and
+    a block has no CPU/accelerator join (the row split has one per projection stage)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"split fraction={fraction}: expected a number in [0, 1]")
+    cpu_ok = [True] * len(sizes) if cpu_ok is None else list(cpu_ok)
+    if len(cpu_ok) != len(sizes):
+        raise ValueError(f"cpu_ok has {len(cpu_ok)} entries for {len(sizes)} blocks")
+    out, gpu, total = [], 0, 0
+    for size, movable in zip(sizes, cpu_ok, strict=True):
+        if size < 0:
+            raise ValueError(f"block size {size}: expected a number of bytes >= 0")
+        total += size
+        take = not movable or abs(gpu + size - fraction * total) <= abs(gpu - fraction * total)  # nearer with it
+        out.append(1.0 if take and (size or not movable) else 0.0)  # an empty block: nothing to copy
+        gpu += size if take else 0
+    return out
+
+
+def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], threads: int | None = None,
+                       nbytes: int | None = None, repeats: int = 3) -> dict:
+    """Bytes per second of the two halves of the block split running at once, as they do: one-row
+    CPU matmuls over host weights of `shape` ([out, in], past the CPU's caches) in this thread, and
+    pinned host-to-device copies queued on a side stream (the copy engine needs no thread); each
+    measured while the other runs, since both draw on the host's memory. Medians over `repeats`.
+    Returns {"cpu_Bps", "copy_Bps", "fraction"}: the accelerator's share of the bytes at which both
+    take equally long, copy_Bps / (cpu_Bps + copy_Bps)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device={device}: measuring copy bandwidth needs a CUDA device")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        total = _past_caches() if nbytes is None else nbytes
+        one = math.prod(shape) * dtype.itemsize
+        weights = [torch.empty(shape, dtype=dtype).fill_(1.0 / shape[1]) for _ in range(max(1, total // one))]
+        src = torch.empty(len(weights) * one, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(one, dtype=torch.uint8, device=device)
+        x, stream = torch.ones(1, shape[1], dtype=dtype), torch.cuda.Stream(device)
+        cpu, copy = [], []
+        for _ in range(repeats + 1):  # the first: warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                for k in range(len(weights)):
+                    dst.copy_(src[k * one:(k + 1) * one], non_blocking=True)
+                end.record(stream)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for w in weights:
+                    F.linear(x, w)
+            cpu.append(len(weights) * one / (time.perf_counter() - t0))
+            end.synchronize()
+            copy.append(len(weights) * one / (start.elapsed_time(end) / 1000))
+        cpu_bps, copy_bps = statistics.median(cpu[1:]), statistics.median(copy[1:])
+        return {"cpu_Bps": cpu_bps, "copy_Bps": copy_bps, "fraction": copy_bps / (cpu_bps + copy_bps)}
+    finally:
+        torch.set_num_threads(old)
+        weights = src = dst = None
+        torch.cuda.empty_cache()
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
 
 
 def _past_caches() -> int:
