@@ -9,7 +9,16 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_blocks, share_bytes
+from tpi.hetero import (
+    Splitter,
+    Timing,
+    calibrate,
+    measure_bandwidths,
+    plan_blocks,
+    plan_by_timeline,
+    share_bytes,
+    simulate_blocks,
+)
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -228,3 +237,56 @@ def test_block_split_measures_its_fraction(tiny_models, split_cache):
         assert stats["split_mode"] == "blocks" and 0 < stats["split_ratio"] < 1  # measured at start
         assert stats["pinned_blocks"] + stats["streamed_blocks"] > 0
         assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_copy_ring_packs_projections_of_mixed_sizes(device, ratio):
+    """Attention-like and FFN-like blocks in turn, three rounds, each queued two blocks ahead: the
+    ring holds small projections densely (more of them staged than it holds largest ones), wraps
+    around, and every projection still equals F.linear."""
+    gen = torch.Generator().manual_seed(2)
+    attn = {"q_proj.weight": (64, 64), "k_proj.weight": (16, 64), "v_proj.weight": (16, 64), "o_proj.weight": (64, 64)}
+    ffn = {"gate_proj.weight": (96, 64), "up_proj.weight": (96, 64), "down_proj.weight": (64, 96)}
+    blocks = [{k: torch.randn(s, generator=gen) for k, s in (attn if i % 2 == 0 else ffn).items()} for i in range(4)]
+    if device == "cuda":
+        blocks = [{k: t.pin_memory() for k, t in b.items()} for b in blocks]
+    staged = 0
+    with Splitter(device, ratio, _slot(blocks, ratio), slots=2) as sp:
+        for step in range(3 * len(blocks)):
+            i = step % len(blocks)
+            w = sp.weights(i, blocks[i])
+            for ahead in (1, 2):
+                sp.upcoming((i + ahead) % len(blocks), blocks[(i + ahead) % len(blocks)])
+            staged = max(staged, len(sp._staged))
+            for name, t in blocks[i].items():  # in the order queued
+                x = torch.randn(2, t.shape[1], generator=gen)
+                assert_close(w[name](x.to(device)).cpu(), torch.nn.functional.linear(x, t), rel=1e-5)
+            first = next(iter(blocks[i]))  # again, out of the order queued: copied anew
+            assert_close(w[first](x[:, :64].to(device)).cpu(), torch.nn.functional.linear(x[:, :64], blocks[i][first]),
+                         rel=1e-5)
+            sp.finish(i)
+    assert staged > 2  # a ring of two largest shares holds more of the small ones
+
+
+def test_block_split_timeline_model():
+    """simulate_blocks: all on the CPU is the CPU's time; all on the accelerator is copy-bound
+    (its copies run on into the next token); a ring too small for two projections serialises
+    copies behind reads. plan_by_timeline keeps attention on the accelerator and finds a plan the
+    model times no slower than plan_blocks at the balance share, or than either extreme."""
+    mb = 1 << 20
+    ffn, attn = [90 * mb] * 3, [32 * mb] * 4
+    blocks, cpu_ok = [ffn, attn] * 4, [True, False] * 4
+    t = Timing(cpu_Bps=50e9, copy_Bps=50e9, ring_bytes=1 << 40, gpu_block_s=0.0, cpu_block_s=0.0)
+    total = sum(map(sum, blocks))
+    assert simulate_blocks(blocks, [0.0] * 8, t) == pytest.approx(total / 50e9)
+    assert simulate_blocks(blocks, [1.0] * 8, t) == pytest.approx(total / 50e9, rel=1e-6)
+    tight = Timing(50e9, 50e9, ring_bytes=90 * mb, gpu_block_s=0.0, cpu_block_s=0.0)
+    assert simulate_blocks(blocks, [1.0] * 8, tight) >= simulate_blocks(blocks, [1.0] * 8, t)
+    ring = Timing(50e9, 50e9, ring_bytes=3 * 90 * mb)
+    plan, seconds = plan_by_timeline(blocks, cpu_ok, ring)
+    assert all(p == 1.0 for p, ok in zip(plan, cpu_ok) if not ok) and set(plan) <= {0.0, 1.0}
+    start = plan_blocks([sum(b) for b in blocks], 0.5, cpu_ok)
+    assert seconds == simulate_blocks(blocks, plan, ring) <= simulate_blocks(blocks, start, ring)
+    assert seconds <= simulate_blocks(blocks, [float(not ok) for ok in cpu_ok], ring)  # all it may give the CPU
+    assert seconds < simulate_blocks(blocks, [1.0] * 8, ring)  # better than streaming everything

@@ -20,7 +20,18 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError, parse_bytes
-from tpi.hetero import SPLIT_COUNTERS, Splitter, calibrate, is_projection, measure_bandwidths, plan_blocks, share_bytes
+from tpi.hetero import (
+    PROJECTIONS,
+    SPLIT_COUNTERS,
+    Splitter,
+    Timing,
+    calibrate,
+    is_projection,
+    measure_bandwidths,
+    plan_blocks,
+    plan_by_timeline,
+    share_bytes,
+)
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
@@ -28,7 +39,7 @@ from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
-SPLIT_SLOTS = 3  # device buffers, one projection's GPU rows each: the one in use and the next ones' copies
+SPLIT_SLOTS = 3  # the copy ring holds 3 of the largest projection's GPU rows: the one in use and the next copies
 @dataclass(frozen=True)
 class MemoryOptions:
     memory_budget: int | str | None = None  # None: keep every block resident
@@ -119,9 +130,8 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        plan = {} if ratio is None or not blocks_mode else dict(zip(  # attention stays where its KV cache is
-            (s.key for s in specs), plan_blocks([s.nbytes for s in specs], ratio, [s.key[1] != "attn" for s in specs]),
-            strict=True))
+        plan = {} if ratio is None or not blocks_mode else dict(zip(
+            (s.key for s in specs), self._plan(specs, ratio, SPLIT_SLOTS * slot), strict=True))
         self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
         self.split_mode = memory.split_mode
         host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
@@ -184,6 +194,25 @@ class RankModel:
                 chosen[spec.key] = {k: t.to(self.device) for k, t in read_block(spec).items()}
                 room -= spec.nbytes
         return chosen
+
+    def _plan(self, specs: list, ratio: float, ring_bytes: int) -> list[float]:
+        """The block split's 0/1 per host block. Attention stays on the accelerator, where its KV
+        cache is. A configured ratio: plan_blocks at that share of the bytes; a measured one: the
+        plan that the timeline model (hetero.simulate_blocks) finds fastest for the measured
+        bandwidths and this rank's blocks and copy ring."""
+        cpu_ok = [s.key[1] != "attn" for s in specs]
+        if self.calibration is None:
+            return plan_blocks([s.nbytes for s in specs], ratio, cpu_ok)
+        def projections(spec) -> list[int]:  # bytes in order of use; an LM-head chunk is one projection
+            ws = [t for t in spec.tensors if is_projection(t.name) and len(t.shape) == 2]
+            ws.sort(key=lambda t: PROJECTIONS.index(t.name.rsplit(".", 1)[0]))
+            return [t.nbytes for t in ws] or [spec.nbytes]
+
+        projs = [projections(s) for s in specs]
+        timing = Timing(self.calibration["cpu_Bps"], self.calibration["copy_Bps"], ring_bytes)
+        plan, seconds = plan_by_timeline(projs, cpu_ok, timing)
+        self.calibration["plan_ms"] = 1000 * seconds
+        return plan
 
     def _gpu_share(self) -> float:
         """The share of host-block bytes the accelerator computes (rows split: the ratio itself)."""
@@ -275,15 +304,20 @@ class RankModel:
         return {"lm_head.weight": w["weight"]} if key[1] == "head" else w
 
     def _prefetch_after(self, i: int) -> None:
-        """Queue the next host block that has GPU rows (LM-head chunks included; blocks the CPU
-        computes whole are passed over), so that its copies start while block i and any CPU blocks
-        before it compute, if it stays in host memory (a streamed block's buffer is ours only inside its `with`)."""
-        n = len(self.sched.blocks)
-        for j in ((i + d) % n for d in range(1, n)) if self.prefetch else ():
-            key = self.sched.blocks[j].key
-            if self.split.ratio_of(key) > 0:
-                if j in self.residency.pinned:
-                    self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
+        """Queue the next host blocks that have GPU rows (LM-head chunks included; blocks the CPU
+        computes whole are passed over), as many as the copy ring holds, so that their copies start
+        while block i and any CPU blocks before them compute, if they stay in host memory (a
+        streamed block's buffer is ours only inside its `with`)."""
+        blocks, queued = self.sched.blocks, 0.0
+        for j in ((i + d) % len(blocks) for d in range(1, len(blocks))) if self.prefetch else ():
+            key, ratio = blocks[j].key, self.split.ratio_of(blocks[j].key)
+            if ratio == 0:
+                continue
+            if j not in self.residency.pinned:
+                return
+            self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
+            queued += ratio * blocks[j].nbytes
+            if queued >= self.split.nbytes:  # as far ahead as the copy ring holds
                 return
 
     # -- rank 0 only ---------------------------------------------------------------------------

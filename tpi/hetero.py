@@ -1,21 +1,23 @@
 """CPU/GPU split compute for a device that has a GPU smaller than its share of the model.
 
 Owns: ``Splitter``, which runs host blocks' projections (and LM-head chunks) split by output rows
-between the CPU and an accelerator: the CPU computes rows [0, k) from host memory on a worker
-thread, the accelerator rows [k, out) from a copy that a side stream brings over from pinned
-memory into a ring of preallocated device slots, one projection per slot, in order of use and as
-far ahead as free slots allow (the next block's while this one computes). The block's activations
-stay on the accelerator: when a projection's input is new, it is fetched to the host once and
-every projection that takes it (q/k/v, gate/up) starts at once, both halves: their CPU rows back to
-back on the worker, their accelerator rows queued (so that copy slots free up as soon as their
-copies land); each call then lands its CPU rows in the same output (small asynchronous copies
-through pinned buffers: on an H200 host they wait ~3 us behind a weight copy, so they need no path
-of their own). Also ``share_bytes`` (a slot's size and the small
-tensors kept on the accelerator, for the GPU budget) and ``calibrate`` (the ratio: the split path
-itself timed on synthetic blocks of the rank's shapes over a grid of ratios). With the accelerator
-set to the CPU the same path runs entirely on the CPU, which is how CI tests it. Does not know:
-which blocks live where or which comes next (forward.py decides), the model math (layers.py calls a
-``SplitWeight`` like a weight), the network.
+between the CPU and an accelerator, at one ratio or at a ratio per block: the CPU computes rows
+[0, k) from host memory on a worker thread, the accelerator rows [k, out) from a copy that a side
+stream brings over from pinned memory into a ring of device memory, each projection's rows in the
+next free bytes, in order of use and as far ahead as the ring has room (the next blocks' while this
+one computes). The block's activations stay on the accelerator: when a projection's input is new,
+it is fetched to the host once and every projection that takes it (q/k/v, gate/up) starts at once,
+both halves: their CPU rows back to back on the worker, their accelerator rows queued (so that the
+ring frees up as soon as their copies land); each call then lands its CPU rows in the same output
+(small asynchronous copies through pinned buffers: on an H200 host they wait ~3 us behind a weight
+copy, so they need no path of their own). ``plan_blocks`` gives the block split's per-block ratios
+(0 or 1: whole blocks on one side, interleaved), ``measure_bandwidths`` its share of bytes. Also
+``share_bytes`` (the largest projection share and the small tensors kept on the accelerator, for
+the GPU budget) and ``calibrate`` (the row split's ratio: the split path itself timed on synthetic
+blocks of the rank's shapes over a grid of ratios). With the accelerator set to the CPU the same
+path runs entirely on the CPU, which is how CI tests it. Does not know: which blocks live where or
+which comes next (forward.py decides), the model math (layers.py calls a ``SplitWeight`` like a
+weight), the network.
 """
 
 from __future__ import annotations
@@ -81,16 +83,19 @@ def share_bytes(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], rat
 
 
 @dataclass
-class _Slot:
-    buffer: torch.Tensor  # uint8 [slot_bytes] on the accelerator
-    free: torch.cuda.Event | None  # recorded on the compute stream after the last read of its tensor
+class _Span:
+    """Bytes [start, end) of the copy ring, holding one projection's accelerator rows."""
+    start: int
+    end: int
+    released: bool = False  # its read is queued on the compute stream: it may be overwritten after `free`
+    free: torch.cuda.Event | None = None  # recorded on the compute stream after that read
 
 
 @dataclass
 class _Staged:
     item: tuple  # (block key, projection weight name)
-    slot: int
-    view: torch.Tensor  # the accelerator's rows, in the slot
+    span: _Span
+    view: torch.Tensor  # the accelerator's rows, in the ring
     ready: torch.cuda.Event | None  # recorded on the copy stream after the copy
 
 
@@ -152,12 +157,14 @@ class Splitter:
     """Runs host blocks split between the CPU and `device` at `ratio` (the accelerator's share of
     every projection's output rows).
 
-    The accelerator's rows of each projection travel through a ring of `slots` device buffers, one
-    projection per slot, in the order they are used: ``weights(key, w)`` queues block `key`'s
-    projections (unless ``upcoming`` queued them ahead) and gives its tensors for layers.py;
-    ``upcoming(key, w)`` queues the next block's, so that their copies start while this block
-    computes. Copies run on a side stream as far ahead as free slots allow; a slot is refilled once
-    the compute stream has read it (events, no host waits). The CPU's rows run on one worker thread
+    The accelerator's rows of each projection travel through a ring of `slots` x `slot_bytes` bytes
+    of device memory (`slot_bytes`: the largest projection share), each in the next free bytes, in
+    the order they are used: ``weights(key, w)`` queues block `key`'s projections (unless
+    ``upcoming`` queued them ahead) and gives its tensors for layers.py; ``upcoming(key, w)`` queues
+    a later block's, so that their copies start while this block computes. Copies run on a side
+    stream as far ahead as the ring has room; bytes are overwritten once the compute stream has read
+    them (events, no host waits). `ratios` gives some blocks a ratio of their own (0: the caller
+    computes that block on the CPU whole; nothing of it is queued). The CPU's rows run on one worker thread
     with `threads` torch threads (default: this thread's count, less one with an accelerator, whose
     launches need a core). Norms and biases are small: they stay on the accelerator after their
     first use. ``close`` (or ``with``) stops the worker."""
@@ -175,9 +182,10 @@ class Splitter:
         threads = threads or torch.get_num_threads()
         self.threads = max(1, threads - 1) if self.cuda and threads > 2 else threads
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.slots = [_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
-                            torch.cuda.Event() if self.cuda else None) for _ in range(slots)]
-        self._next = 0  # the slot the next copy fills
+        self.slot_bytes = slot_bytes  # the largest projection share that must fit
+        self.ring = torch.empty(slots * slot_bytes, dtype=torch.uint8, device=self.device)  # [slots * slot_bytes]
+        self._spans: deque[_Span] = deque()  # allocated in the ring, oldest first: copied or copying, or read
+        self._barrier: torch.cuda.Event | None = None  # after a restart: the newest read of the old spans
         self._blocks: deque[Hashable] = deque()  # blocks whose projections are queued, in order of use
         self._todo: deque[tuple[tuple, torch.Tensor]] = deque()  # (item, host rows) not yet copied
         self._staged: deque[_Staged] = deque()  # copied or copying, not yet used
@@ -199,7 +207,7 @@ class Splitter:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.buffer.nbytes for s in self.slots)
+        return self.ring.nbytes
 
     def set_threads(self, threads: int) -> None:
         """Torch threads of the worker that computes the CPU's rows (a new worker)."""
@@ -238,47 +246,84 @@ class Splitter:
         """Forget what was queued (an abandoned step, a block out of the expected order)."""
         self._drain()
         self._blocks.clear()
-        self._todo.clear()
+        self._restart()
+
+    def _restart(self) -> None:
+        """Drop every copy queued or made: the next copy starts the ring afresh at 0, after the
+        newest read of what it overwrites (copies made and not read are ordered on the copy stream)."""
+        reads = [s.free for s in self._spans if s.free is not None]
+        self._barrier = reads[-1] if reads else self._barrier
+        self._spans.clear()
         self._staged.clear()
+        self._todo.clear()
+
+    def _alloc(self, n: int) -> tuple[int, torch.cuda.Event | None] | None:
+        """Where in the ring the next copy of `n` bytes goes (spans are allocated and read in order,
+        so the room is between the newest span's end and the oldest's start, wrapping to 0), and
+        the newest read of what it overwrites, for the copy stream to wait on; None: no room until
+        a staged copy is read."""
+        size, wait = self.ring.nbytes, self._barrier
+        while self._spans:
+            head, tail = self._spans[-1].end, self._spans[0].start
+            if head > tail and n <= size - head:
+                return head, wait
+            if head > tail and n <= tail:
+                return 0, wait
+            if head <= tail and n <= tail - head:
+                return head, wait
+            oldest = self._spans[0]
+            if not oldest.released:
+                return None
+            self._spans.popleft()
+            wait = oldest.free if oldest.free is not None else wait  # reads are in order: the newest suffices
+        return 0, wait
 
     def _top_up(self) -> None:
-        """Start copies into free slots, in order of use."""
-        while self._todo and len(self._staged) < len(self.slots):
-            item, rows = self._todo.popleft()
-            slot = self.slots[self._next]
+        """Start copies into the ring, in order of use, as far ahead as its room allows."""
+        while self._todo:
+            item, rows = self._todo[0]
             n = rows.numel() * rows.dtype.itemsize
-            if n > slot.buffer.nbytes:
-                raise ValueError(f"{item}: {n:,} bytes of GPU rows are more than a slot's {slot.buffer.nbytes:,}")
-            view = slot.buffer[:n].view(rows.dtype).view(rows.shape)
+            if n > self.slot_bytes:
+                raise ValueError(f"{item}: {n:,} bytes of GPU rows are more than a slot's {self.slot_bytes:,}")
+            got = self._alloc(_aligned(n))
+            if got is None:
+                return
+            start, wait = got
+            self._todo.popleft()
+            self._barrier = None
+            span = _Span(start, start + _aligned(n))
+            self._spans.append(span)
+            view = self.ring[start:start + n].view(rows.dtype).view(rows.shape)
             ready = None
             if self.cuda:
                 with torch.cuda.stream(self.copy_stream):
-                    self.copy_stream.wait_event(slot.free)  # the slot's last reader is done
+                    if wait is not None:
+                        self.copy_stream.wait_event(wait)  # the last reader of these bytes is done
                     view.copy_(rows, non_blocking=True)
                     ready = torch.cuda.Event()
                     ready.record(self.copy_stream)
             else:
                 view.copy_(rows)
-            self._staged.append(_Staged(item, self._next, view, ready))
-            self._next = (self._next + 1) % len(self.slots)
+            self._staged.append(_Staged(item, span, view, ready))
 
-    def take(self, item: tuple, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def take(self, item: tuple, rows: torch.Tensor) -> tuple[torch.Tensor, _Span]:
         """The accelerator's `rows` of projection `item` (the compute stream waits for their copy)
-        and their slot, for ``release`` once the read is queued."""
+        and their span of the ring, for ``release`` once the read is queued."""
         if not self._staged or self._staged[0].item != item:  # not the order queued: copy it now
-            self._staged.clear()
-            self._todo.clear()
+            self._restart()
             self._todo.append((item, rows))
             self._top_up()
         staged = self._staged.popleft()
         if staged.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.ready)  # no host wait
-        return staged.view, staged.slot
+        return staged.view, staged.span
 
-    def release(self, slot: int) -> None:
-        """The read of `slot` is queued on the compute stream: it may be refilled after it."""
+    def release(self, span: _Span) -> None:
+        """The read of `span` is queued on the compute stream: it may be overwritten after it."""
         if self.cuda:
-            self.slots[slot].free.record(torch.cuda.current_stream(self.device))
+            span.free = torch.cuda.Event()
+            span.free.record(torch.cuda.current_stream(self.device))
+        span.released = True
         self._top_up()
 
     def _resident(self, key: Hashable, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -424,6 +469,71 @@ def plan_blocks(sizes: Sequence[int], fraction: float, cpu_ok: Sequence[bool] | 
         out.append(1.0 if take and (size or not movable) else 0.0)  # an empty block: nothing to copy
         gpu += size if take else 0
     return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What the block split's timeline is made of: bytes per second of the CPU's matmuls and of the
+    copy engine, each while the other runs; the copy ring's bytes; a fixed cost per block (the
+    host's launches and its wait for the block's end on the accelerator; the CPU's per-op overhead)."""
+    cpu_Bps: float
+    copy_Bps: float
+    ring_bytes: int
+    gpu_block_s: float = 3e-4
+    cpu_block_s: float = 1e-4
+
+
+def simulate_blocks(blocks: Sequence[Sequence[int]], plan: Sequence[float], timing: Timing, tokens: int = 3) -> float:
+    """Seconds per token of the block split, as forward.py runs it, in a model of its timeline:
+    `blocks` are the host blocks in order of use, each as its projections' bytes in order of use,
+    `plan` 0 (CPU) or 1 (accelerator) per block. The host walks the blocks; a CPU block takes its
+    bytes at cpu_Bps; the copy engine copies the accelerator blocks' projections in order at
+    copy_Bps, each once it is queued (when the accelerator block before it starts) and once the
+    ring has room (the projections copied before it, up to ring_bytes back, have been read); an
+    accelerator block ends when its last projection has landed. The last of `tokens` tokens is
+    timed (the copies of one token run into the next)."""
+    sizes, consumed, t, engine, queued = [], [], 0.0, 0.0, 0.0
+    start = 0.0
+    for _ in range(tokens):
+        start = t
+        for projs, where in zip(blocks, plan, strict=True):
+            if not where:
+                t += sum(projs) / timing.cpu_Bps + timing.cpu_block_s
+                continue
+            began, end = t, t
+            for n in projs:
+                sizes.append(n)
+                held, j = n, len(sizes) - 1  # the ring holds this copy and those after the last one read
+                while j > 0 and held + sizes[j - 1] <= timing.ring_bytes:
+                    j -= 1
+                    held += sizes[j]
+                room = consumed[j - 1] if j > 0 else 0.0
+                engine = max(engine, queued, room) + n / timing.copy_Bps
+                end = max(end, engine)
+                consumed.append(max(began, engine))
+            queued, t = began, end + timing.gpu_block_s
+    return t - start
+
+
+def plan_by_timeline(blocks: Sequence[Sequence[int]], cpu_ok: Sequence[bool], timing: Timing,
+                     passes: int = 8) -> tuple[list[float], float]:
+    """The block split's plan that `simulate_blocks` times fastest, searched from plan_blocks at
+    the share where both sides take equally long: each pass flips the one movable block that helps
+    most, until none does. Returns (plan, simulated seconds per token)."""
+    sizes = [sum(p) for p in blocks]
+    plan = plan_blocks(sizes, timing.copy_Bps / (timing.cpu_Bps + timing.copy_Bps), cpu_ok)
+    best = simulate_blocks(blocks, plan, timing)
+    for _ in range(passes * max(1, len(blocks))):
+        trials = []
+        for i, movable in enumerate(cpu_ok):
+            if movable and sizes[i]:
+                trial = list(plan)
+                trial[i] = 1.0 - trial[i]
+                trials.append((simulate_blocks(blocks, trial, timing), trial))
+        if not trials or min(trials)[0] >= best:
+            break
+        best, plan = min(trials)
+    return plan, best
 
 
 def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], threads: int | None = None,
