@@ -9,16 +9,7 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import (
-    Splitter,
-    Timing,
-    calibrate,
-    measure_bandwidths,
-    plan_blocks,
-    plan_by_timeline,
-    share_bytes,
-    simulate_blocks,
-)
+from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_blocks, share_bytes
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -267,26 +258,3 @@ def test_copy_ring_packs_projections_of_mixed_sizes(device, ratio):
                          rel=1e-5)
             sp.finish(i)
     assert staged > 2  # a ring of two largest shares holds more of the small ones
-
-
-def test_block_split_timeline_model():
-    """simulate_blocks: all on the CPU is the CPU's time; all on the accelerator is copy-bound
-    (its copies run on into the next token); a ring too small for two projections serialises
-    copies behind reads. plan_by_timeline keeps attention on the accelerator and finds a plan the
-    model times no slower than plan_blocks at the balance share, or than either extreme."""
-    mb = 1 << 20
-    ffn, attn = [90 * mb] * 3, [32 * mb] * 4
-    blocks, cpu_ok = [ffn, attn] * 4, [True, False] * 4
-    t = Timing(cpu_Bps=50e9, copy_Bps=50e9, ring_bytes=1 << 40, gpu_block_s=0.0, cpu_block_s=0.0)
-    total = sum(map(sum, blocks))
-    assert simulate_blocks(blocks, [0.0] * 8, t) == pytest.approx(total / 50e9)
-    assert simulate_blocks(blocks, [1.0] * 8, t) == pytest.approx(total / 50e9, rel=1e-6)
-    tight = Timing(50e9, 50e9, ring_bytes=90 * mb, gpu_block_s=0.0, cpu_block_s=0.0)
-    assert simulate_blocks(blocks, [1.0] * 8, tight) >= simulate_blocks(blocks, [1.0] * 8, t)
-    ring = Timing(50e9, 50e9, ring_bytes=3 * 90 * mb)
-    plan, seconds = plan_by_timeline(blocks, cpu_ok, ring)
-    assert all(p == 1.0 for p, ok in zip(plan, cpu_ok) if not ok) and set(plan) <= {0.0, 1.0}
-    start = plan_blocks([sum(b) for b in blocks], 0.5, cpu_ok)
-    assert seconds == simulate_blocks(blocks, plan, ring) <= simulate_blocks(blocks, start, ring)
-    assert seconds <= simulate_blocks(blocks, [float(not ok) for ok in cpu_ok], ring)  # all it may give the CPU
-    assert seconds < simulate_blocks(blocks, [1.0] * 8, ring)  # better than streaming everything

@@ -21,15 +21,12 @@ from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
 from tpi.config import ConfigError, parse_bytes
 from tpi.hetero import (
-    PROJECTIONS,
     SPLIT_COUNTERS,
     Splitter,
-    Timing,
     calibrate,
     is_projection,
     measure_bandwidths,
     plan_blocks,
-    plan_by_timeline,
     share_bytes,
 )
 from tpi.kv_cache import KVCache
@@ -130,8 +127,9 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        plan = {} if ratio is None or not blocks_mode else dict(zip(
-            (s.key for s in specs), self._plan(specs, ratio, SPLIT_SLOTS * slot), strict=True))
+        plan = {} if ratio is None or not blocks_mode else dict(zip(  # attention stays where its KV cache is
+            (s.key for s in specs), plan_blocks([s.nbytes for s in specs], ratio, [s.key[1] != "attn" for s in specs]),
+            strict=True))
         self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
         self.split_mode = memory.split_mode
         host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
@@ -194,25 +192,6 @@ class RankModel:
                 chosen[spec.key] = {k: t.to(self.device) for k, t in read_block(spec).items()}
                 room -= spec.nbytes
         return chosen
-
-    def _plan(self, specs: list, ratio: float, ring_bytes: int) -> list[float]:
-        """The block split's 0/1 per host block. Attention stays on the accelerator, where its KV
-        cache is. A configured ratio: plan_blocks at that share of the bytes; a measured one: the
-        plan that the timeline model (hetero.simulate_blocks) finds fastest for the measured
-        bandwidths and this rank's blocks and copy ring."""
-        cpu_ok = [s.key[1] != "attn" for s in specs]
-        if self.calibration is None:
-            return plan_blocks([s.nbytes for s in specs], ratio, cpu_ok)
-        def projections(spec) -> list[int]:  # bytes in order of use; an LM-head chunk is one projection
-            ws = [t for t in spec.tensors if is_projection(t.name) and len(t.shape) == 2]
-            ws.sort(key=lambda t: PROJECTIONS.index(t.name.rsplit(".", 1)[0]))
-            return [t.nbytes for t in ws] or [spec.nbytes]
-
-        projs = [projections(s) for s in specs]
-        timing = Timing(self.calibration["cpu_Bps"], self.calibration["copy_Bps"], ring_bytes)
-        plan, seconds = plan_by_timeline(projs, cpu_ok, timing)
-        self.calibration["plan_ms"] = 1000 * seconds
-        return plan
 
     def _gpu_share(self) -> float:
         """The share of host-block bytes the accelerator computes (rows split: the ratio itself)."""
