@@ -44,7 +44,9 @@ class Communicator(Protocol):
     allreduce_calls: int
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
-        """Sum of every rank's `partial` for the collective `tag`; every rank gets the same bytes."""
+        """Sum of every rank's `partial` for the collective `tag`; every rank gets the same bytes.
+        The caller hands `partial` over: the sum may be `partial` itself, overwritten (SingleRank
+        returns it; the star sums a float32 partial in its own memory)."""
         ...
 
     def broadcast(self, msg: Message, check: bool = True) -> None:
