@@ -265,7 +265,7 @@ class RankModel:
         if i is None:  # no share of this block here: this rank adds nothing
             return torch.zeros_like(x)
         with self.sched.block(i) as w:
-            if self.split is None or self.split.ratio_of(key) == 0:  # the CPU computes it whole
+            if self.split is None or self.split.on_cpu(key):  # the CPU computes it whole
                 return run(x, w)
             return self._run_split(i, key, x, w, run)
 
@@ -287,10 +287,12 @@ class RankModel:
         computes whole are passed over), as many as the copy ring holds, so that their copies start
         while block i and any CPU blocks before them compute, if they stay in host memory (a
         streamed block's buffer is ours only inside its `with`)."""
+        if not self.prefetch or not (self.split.ratio or any(self.split.ratios.values())):
+            return  # nothing is ever copied
         blocks, queued = self.sched.blocks, 0.0
-        for j in ((i + d) % len(blocks) for d in range(1, len(blocks))) if self.prefetch else ():
+        for j in ((i + d) % len(blocks) for d in range(1, len(blocks))):
             key, ratio = blocks[j].key, self.split.ratio_of(blocks[j].key)
-            if ratio == 0:
+            if ratio == 0:  # nothing of it is copied (the CPU's whole, or a row split at 0)
                 continue
             if j not in self.residency.pinned:
                 return
@@ -337,7 +339,7 @@ class RankModel:
         out = torch.empty((h.shape[0], self.cfg.vocab_size), dtype=torch.float32)
         for i, a, b in self.head_chunks:
             with self.sched.block(i) as w:
-                if self.split is None or self.split.ratio_of(self.sched.blocks[i].key) == 0:
+                if self.split is None or self.split.on_cpu(self.sched.blocks[i].key):
                     out[:, a:b] = F.linear(hn, w["weight"])
                 else:  # split like the layers' projections
                     key = self.sched.blocks[i].key

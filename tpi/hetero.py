@@ -202,8 +202,13 @@ class Splitter:
         self.counters = dict.fromkeys(SPLIT_COUNTERS, 0.0)
 
     def ratio_of(self, key: Hashable) -> float:
-        """The accelerator's share of block `key`'s rows: 0 means the CPU computes the block whole."""
+        """The accelerator's share of block `key`'s rows."""
         return self.ratios.get(key, self.ratio)
+
+    def on_cpu(self, key: Hashable) -> bool:
+        """Block `key` is the CPU's whole (a block split's 0): the caller computes it unsplit, in host
+        memory. (A row split at ratio 0 still runs here: its activations stay on the accelerator.)"""
+        return self.ratios.get(key) == 0.0
 
     @property
     def nbytes(self) -> int:
@@ -230,7 +235,7 @@ class Splitter:
     # -- queueing and copies -----------------------------------------------------------------------
     def upcoming(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
         """Block `key` runs after the queued ones: start copying its share when slots free up."""
-        if key not in self._blocks and self.ratio_of(key) > 0:
+        if key not in self._blocks and not self.on_cpu(key):
             self._queue(key, w)
 
     def _queue(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
