@@ -95,7 +95,7 @@ class _F32Views:
     own memory. ``Tensor.numpy()`` would give that memory too, but at the cold-cache cost of every
     Python operation between two allreduces (the model's compute in between evicts everything)
     it was the largest part of what the star spent beyond a bare pyzmq star: ~50 µs a call on this
-    machine, against ~25 µs for the four attribute reads below. A view does not keep its memory
+    machine, against ~25 µs for the few attribute reads below. A view does not keep its memory
     alive: it is only used while the caller's tensor, which owns that memory, is in the call (the
     model's partials come from the allocator's same few addresses, so the dict stays small)."""
 
