@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from tpi.config import ConfigError
+from tpi.config import SPLIT_MODES, ConfigError
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: with a GPU, the KV cache and the blocks "
                    "that fit --gpu-memory-budget live on it, and the rest is split between CPU and GPU")
     p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
-    p.add_argument("--split-mode", choices=["blocks", "rows"], default="blocks",
+    p.add_argument("--split-mode", choices=SPLIT_MODES, default="blocks",
                    help="how host blocks (those not on the GPU) are shared: blocks (default): each computed whole, "
                    "on the CPU or on the GPU from a copy, interleaved; rows: every projection split by output rows")
     p.add_argument("--split-ratio", type=float, help="the GPU's share of the host blocks: of their bytes (blocks) or "

@@ -23,6 +23,7 @@ import zmq
 
 from tpi.comm import collectives
 from tpi.comm.security import Curve, KeyPair
+from tpi.config import SPLIT_MODES
 from tpi.forward import MemoryOptions, parse_bytes
 from tpi.master import MasterOptions, master_process, report_errors
 from tpi.weights import split_cached
@@ -128,7 +129,7 @@ class LocalCluster:
             raise ClusterError(f"memory_budget has {len(budgets)} values; expected one per rank, {world_size}")
         for b in budgets:
             parse_bytes(b)  # refuse a malformed budget here, before any process starts
-        if split_mode not in ("blocks", "rows"):
+        if split_mode not in SPLIT_MODES:
             raise ClusterError(f"split_mode={split_mode!r}: expected 'blocks' or 'rows'")
         self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all, device, gpu_memory_budget, split_mode,
                                      split_ratio, verify_shards=verify_shards) for b in budgets]

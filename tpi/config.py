@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+SPLIT_MODES = ("blocks", "rows")  # how a GPU rank shares its host blocks with the CPU (forward.MemoryOptions)
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
-from tpi.config import ConfigError, parse_bytes
+from tpi.config import SPLIT_MODES, ConfigError, parse_bytes
 from tpi.hetero import (
     SPLIT_COUNTERS,
     Splitter,
@@ -105,7 +105,7 @@ class RankModel:
                              self.dtype, slots, self.device)
         specs = [block_spec(shard_dir, manifest, rank, layer, kind)
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
-        if memory.split_mode not in ("blocks", "rows"):
+        if memory.split_mode not in SPLIT_MODES:
             raise ConfigError(f"split_mode={memory.split_mode!r}: expected 'blocks' or 'rows'")
         ratio = self._split_ratio(memory, specs, threads)
         blocks_mode = memory.split_mode == "blocks"
@@ -287,8 +287,8 @@ class RankModel:
         computes whole are passed over), as many as the copy ring holds, so that their copies start
         while block i and any CPU blocks before them compute, if they stay in host memory (a
         streamed block's buffer is ours only inside its `with`)."""
-        if not self.prefetch or not (self.split.ratio or any(self.split.ratios.values())):
-            return  # nothing is ever copied
+        if not self.prefetch or not self.split.copies:
+            return
         blocks, queued = self.sched.blocks, 0.0
         for j in ((i + d) % len(blocks) for d in range(1, len(blocks))):
             key, ratio = blocks[j].key, self.split.ratio_of(blocks[j].key)

@@ -175,6 +175,7 @@ class Splitter:
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"split ratio={r}: expected a number in [0, 1]")
         self.ratios = dict(ratios or {})  # block key -> its own ratio (plan_blocks); others: `ratio`
+        self.copies = ratio > 0 or any(r > 0 for r in self.ratios.values())  # False: nothing is ever copied
         if slots < 1:
             raise ValueError(f"split slots={slots}: expected at least 1")
         self.device, self.ratio = torch.device(device), ratio
@@ -234,7 +235,7 @@ class Splitter:
 
     # -- queueing and copies -----------------------------------------------------------------------
     def upcoming(self, key: Hashable, w: Mapping[str, torch.Tensor]) -> None:
-        """Block `key` runs after the queued ones: start copying its share when slots free up."""
+        """Block `key` runs after the queued ones: start copying its share when the ring has room."""
         if key not in self._blocks and not self.on_cpu(key):
             self._queue(key, w)
 
@@ -516,8 +517,14 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[in
     finally:
         torch.set_num_threads(old)
         weights = src = dst = None
-        torch.cuda.empty_cache()
-        getattr(torch._C, "_host_emptyCache", lambda: None)()
+        _give_back_cuda_memory()
+
+
+def _give_back_cuda_memory() -> None:
+    """Cached device memory and pinned host memory (torch keeps both for reuse) go back to the
+    system: a start-up measurement's buffers must not count against the rank's budgets."""
+    torch.cuda.empty_cache()
+    getattr(torch._C, "_host_emptyCache", lambda: None)()
 
 
 def _past_caches() -> int:
@@ -604,7 +611,6 @@ def calibrate(device: torch.device, dtype: torch.dtype, blocks: list[dict[str, t
         at(best - step), at(best + step)
     nbytes = sum(t.nbytes for b in host for t in b.values())
     host.clear()
-    if device.type == "cuda":  # the synthetic blocks' pinned memory and the slots go back
-        torch.cuda.empty_cache()
-        getattr(torch._C, "_host_emptyCache", lambda: None)()
+    if device.type == "cuda":  # the synthetic blocks' pinned memory and the ring go back
+        _give_back_cuda_memory()
     return {"ratio": min(ms, key=ms.get), "ms": dict(sorted(ms.items())), "bytes": nbytes}
