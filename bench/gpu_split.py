@@ -170,11 +170,11 @@ def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 1 << 30, rep
     x, dev = torch.randn(1, cols).to(dtype), torch.empty(rows, cols, dtype=dtype, device="cuda")
     stream = torch.cuda.Stream()
 
-    def cpu() -> float:
+    def cpu(w: torch.Tensor = w_cpu) -> float:
         t0 = time.perf_counter()
         for _ in range(repeats):
-            torch.nn.functional.linear(x, w_cpu)
-        return repeats * w_cpu.nbytes / (time.perf_counter() - t0) / 1e9
+            torch.nn.functional.linear(x, w)
+        return repeats * w.nbytes / (time.perf_counter() - t0) / 1e9
 
     def copy() -> float:
         t0 = time.perf_counter()
@@ -185,7 +185,8 @@ def probe_bandwidth(dtype: torch.dtype, threads: int, nbytes: int = 1 << 30, rep
         return repeats * w_pin.nbytes / (time.perf_counter() - t0) / 1e9
 
     cpu(), copy()  # warm-up
-    alone = {"cpu_GBps": cpu(), "copy_GBps": copy()}
+    cpu(w_pin)
+    alone = {"cpu_GBps": cpu(), "cpu_pinned_GBps": cpu(w_pin), "copy_GBps": copy()}
     both: dict = {}
     t = threading.Thread(target=lambda: both.update(copy_together=copy()))
     t.start()
@@ -288,6 +289,45 @@ def _timed(m, comm, start: int, steps: int = 11) -> str:
             + "".join(f", {k[:-2]} {v:.1f} ms" for k, v in per.items()))
 
 
+def _block_times(m, comm, start: int, steps: int = 5) -> str:
+    """Wall ms of each block in `steps` decode steps of RankModel m, unprofiled, with where it ran:
+    G (GPU-resident), C (CPU, whole), S (host block computed on the GPU or split); H: the LM head."""
+    from collections import defaultdict
+
+    from tpi.forward import run_layers
+
+    acc: dict = defaultdict(list)
+    block, logits = m._block, m.logits
+
+    def timed_block(key, x, run):
+        t0 = time.perf_counter()
+        y = block(key, x, run)  # x on the CPU: a GPU block's result is back, so its time is complete
+        acc[key].append(1000 * (time.perf_counter() - t0))
+        return y
+
+    def timed_logits(h):
+        t0 = time.perf_counter()
+        y = logits(h)
+        acc[(m.cfg.num_layers, "head")].append(1000 * (time.perf_counter() - t0))
+        return y
+
+    m._block, m.logits = timed_block, timed_logits
+    try:
+        for pos in range(start, start + steps):
+            m.logits(run_layers(m, comm, m.embed([7]), 1, pos, pos))
+    finally:
+        del m._block, m.logits
+
+    def where(key) -> str:
+        if key[1] == "head":
+            return "H"
+        if key in m.gpu_blocks:
+            return "G"
+        return "C" if m.split is None or m.split.on_cpu(key) else "S"
+
+    return ", ".join(f"{k[1]}{k[0]} {where(k)} {statistics.median(v):.2f}" for k, v in acc.items())
+
+
 def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
     """World size 1 in this process: ms/token of each --profile setting, then one step under
     torch.profiler (CPU and CUDA): where the time goes. Tables go to bench/out/profile_<name>.txt,
@@ -305,13 +345,15 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
     for name in args.profile.split(","):
         family = name.split("@")[0]
         ratio = 1.0 if family in ("ondemand", "stream") else float(name.split("@")[1]) if "@" in name else None
-        mem = MemoryOptions(device="cuda", gpu_memory_budget=budget, split_ratio=ratio, gpu_prefetch=name != "ondemand",
-                            split_mode="blocks" if family == "blocks" else "rows")
+        mem = MemoryOptions() if name == "cpu" else MemoryOptions(
+            device="cuda", gpu_memory_budget=budget, split_ratio=ratio, gpu_prefetch=name != "ondemand",
+            split_mode="blocks" if family == "blocks" else "rows")
         m = RankModel(shard, manifest, 0, 512, memory=mem, threads=args.cores)
         try:
             with torch.inference_mode():
                 m.logits(run_layers(m, comm, m.embed(list(range(100, 132))), 1, 0, 0)[-1:])
                 plain = _timed(m, comm, 32)
+                print(f"  {name}: per block, ms (median of 5 steps): {_block_times(m, comm, 60)}", flush=True)
                 if m.split is not None and args.profile_threads:
                     default, pos = m.split.threads, 43
                     for n in (int(t) for t in args.profile_threads.split(",")):
@@ -374,7 +416,7 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(f"random Llama ({args.shape}): {n / 1e9:.2f}B parameters, {args.dtype}; GPU: {gpu}; "
               f"{args.cores} cores", flush=True)
-        if torch.cuda.is_available() and args.worlds:
+        if torch.cuda.is_available() and (args.worlds or args.profile):
             probes = {**probe_bandwidth(dtype, args.cores), **small_transfer_latency(), **cpu_dtypes(args.cores)}
             print("probe: " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()), flush=True)
             if args.calibrate:

@@ -9,7 +9,7 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_blocks, share_bytes
+from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_shares, share_bytes, split_block
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -89,34 +89,72 @@ def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size,
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, ref_tokens = cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=12)
     shares = []
-    middle = 0.3 if mode == "rows" else 0.6  # blocks: attention alone is about a third of the bytes here
-    for ratio in (0.0, middle, 1.0):  # the middle one streams every block (no prefetch), the others pin them
+    # (ratio, stream every block: no prefetch, each block split as it comes; else pinned, split once);
+    # blocks: attention alone is about a third of the bytes here, the FFN blocks and head chunks are
+    # shared by columns at the middle ratios
+    runs = [(0.0, False), (0.3, True), (1.0, False)] if mode == "rows" else \
+        [(0.0, False), (0.45, False), (0.6, True), (1.0, False)]
+    for ratio, stream in runs:
         with LocalCluster(path, world_size=world_size, cache_dir=split_cache, split_mode=mode, split_ratio=ratio,
-                          stream_all=ratio == middle) as cluster:
+                          stream_all=stream) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-5)
             assert cluster.generate(PROMPT, max_new_tokens=12) == ref_tokens
             stats = cluster.stats()
             assert all(r["split_ratio"] == ratio and r["split_mode"] == mode for r in stats)
             shares.append(stats[0]["split_gpu_share"])
-    # rows: the share is the ratio; blocks: whole blocks, attention always on the accelerator side
-    assert shares[0] < shares[1] < shares[2] == 1.0
-    assert shares[0] == 0.0 if mode == "rows" else 0.0 < shares[0] < 0.5
+    # rows: the share is the ratio; blocks: the ratio as near as whole columns allow, attention always
+    # on the accelerator side
+    assert shares == sorted(shares) and len(set(shares)) == len(shares) and shares[-1] == 1.0
+    if mode == "rows":
+        assert shares[0] == 0.0
+    else:
+        assert 0.0 < shares[0] < 0.5 and all(abs(s - r) < 0.01 for s, (r, _) in zip(shares[1:], runs[1:]))
 
 
-def test_plan_blocks_interleaves_whole_blocks():
-    assert plan_blocks([1] * 6, 0.5) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
-    assert plan_blocks([1] * 4, 0.0) == [0.0] * 4 and plan_blocks([1] * 4, 1.0) == [1.0] * 4
-    # attention (not movable) stays on the accelerator; the FFN blocks and head chunks make up the rest
+def test_plan_shares_gives_attention_whole_and_shares_the_rest():
     sizes, movable = [134, 270] * 3 + [87, 87, 88], [False, True] * 3 + [True] * 3
-    plan = plan_blocks(sizes, 0.5, movable)
+    plan = plan_shares(sizes, 0.5, movable)
     assert all(r == 1.0 for r, m in zip(plan, movable) if not m)
-    share = sum(s * r for s, r in zip(sizes, plan)) / sum(sizes)
-    assert abs(share - 0.5) <= 88 / sum(sizes)  # as near as whole blocks allow
-    assert plan_blocks([10, 0, 10], 0.5) == [1.0, 0.0, 0.0]  # an empty block has nothing to copy
+    assert len({r for r, m in zip(plan, movable) if m}) == 1  # one common share for the others
+    assert sum(s * r for s, r in zip(sizes, plan)) == pytest.approx(0.5 * sum(sizes))
+    assert plan_shares(sizes, 0.1, movable) == [1.0 if not m else 0.0 for m in movable]  # attention alone is more
+    assert plan_shares([1] * 4, 0.25) == [0.25] * 4 and plan_shares([1] * 4, 1.0) == [1.0] * 4
+    assert plan_shares([5, 5], 0.9, [False, False]) == [1.0, 1.0]
     with pytest.raises(ValueError, match="fraction=1.5"):
-        plan_blocks([1], 1.5)
+        plan_shares([1], 1.5)
     with pytest.raises(ValueError, match="cpu_ok has 1 entries for 2 blocks"):
-        plan_blocks([1, 2], 0.5, [True])
+        plan_shares([1, 2], 0.5, [True])
+    with pytest.raises(ValueError, match="block size -1"):
+        plan_shares([-1], 0.5)
+
+
+@pytest.mark.parametrize("cpu", [1, 37, 95])
+def test_split_block_parts_add_up_to_the_block(cpu):
+    """An FFN block's two parts (CPU: intermediate columns [0, cpu), accelerator: the rest) give
+    partial FFNs that add up to the whole one; each part's weights are contiguous (copyable as
+    they are); the down projection's bias is counted once."""
+    from tpi.layers import ffn_partial
+
+    w = _blocks(1, pin=False)[0]
+    w["down_proj.bias"] = torch.randn(64)
+    cfg = type("Cfg", (), {"rms_norm_eps": 1e-6})()  # all that ffn_partial reads
+    x = torch.randn(3, 64)
+    whole = ffn_partial(x, w, cfg)
+    down = w["down_proj.weight"].clone()
+    a, b = split_block(dict(w), "ffn", cpu)
+    assert all(t.is_contiguous() for part in (a, b) for t in part.values())
+    assert a["down_proj.weight"].shape == (64, cpu) and b["gate_proj.weight"].shape == (96 - cpu, 64)
+    assert torch.equal(a["down_proj.weight"], down[:, :cpu]) and torch.equal(b["down_proj.weight"], down[:, cpu:])
+    assert "down_proj.bias" in a and "down_proj.bias" not in b
+    assert_close(ffn_partial(x, a, cfg) + ffn_partial(x, b, cfg), whole, rel=1e-6)
+    head = torch.randn(10, 64)
+    c, d = split_block({"weight": head}, "head", 4)
+    assert torch.equal(torch.cat([c["weight"], d["weight"]]), head)
+    for bad in (0, 96):
+        with pytest.raises(ValueError, match=f"split at column {bad}: expected 0 < column < 96"):
+            split_block(dict(_blocks(1, pin=False)[0]), "ffn", bad)
+    with pytest.raises(ValueError, match="block kind 'attn'"):
+        split_block({}, "attn", 1)
 
 
 def test_splitter_per_block_ratios():

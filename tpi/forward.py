@@ -26,8 +26,9 @@ from tpi.hetero import (
     calibrate,
     is_projection,
     measure_bandwidths,
-    plan_blocks,
+    plan_shares,
     share_bytes,
+    split_block,
 )
 from tpi.kv_cache import KVCache
 from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
@@ -45,8 +46,9 @@ class MemoryOptions:
     stream_all: bool = False  # pin nothing whatever the budget: for measuring and testing streaming
     device: str = "cpu"  # "cuda" / "cuda:1": KV cache and the blocks that fit gpu_memory_budget on the GPU
     gpu_memory_budget: int | str | None = None  # None with a GPU: 90% of its free memory
-    # "blocks": each host block computed whole, on the CPU from host memory or on the accelerator from
-    # a copy, interleaved (hetero.plan_blocks); "rows": every host block's projections split by output rows
+    # "blocks": attention blocks on the accelerator from a copy, every other host block (FFN, LM-head
+    # chunk) computed by both at once on disjoint columns, the CPU's from host memory
+    # (hetero.plan_shares, split_block); "rows": every host block's projections split by output rows
     split_mode: Literal["blocks", "rows"] = "blocks"
     # the accelerator's share of the host blocks (blocks: of their bytes; rows: of each projection's
     # rows); None: measured with a GPU, no split without one. With device "cpu" a ratio runs the
@@ -127,9 +129,23 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        plan = {} if ratio is None or not blocks_mode else dict(zip(  # attention stays where its KV cache is
-            (s.key for s in specs), plan_blocks([s.nbytes for s in specs], ratio, [s.key[1] != "attn" for s in specs]),
-            strict=True))
+        # block split: block key -> the CPU's columns (FFN) or rows (head chunk) of a block both compute
+        self.columns: dict[tuple, int] = {}
+        self.shares: dict[tuple, float] = {}  # block split: block key -> the accelerator's share of its bytes
+        plan: dict[tuple, float] = {}  # the Splitter's: 0 for a block the CPU computes whole, 1 for the others
+        if ratio is not None and blocks_mode:  # attention stays where its KV cache is
+            for s, share in zip(specs, plan_shares([s.nbytes for s in specs], ratio,
+                                                   [s.key[1] != "attn" for s in specs]), strict=True):
+                n = self._split_extent(s)
+                if n:
+                    cpu = n - round(n * share)
+                    share = (n - cpu) / n
+                    if 0 < cpu < n:
+                        self.columns[s.key] = cpu
+                else:  # not divided: whole, on the side nearer its share (attention: the accelerator)
+                    share = float(round(share))
+                self.shares[s.key] = share
+                plan[s.key] = 0.0 if share == 0 else 1.0
         self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
         self.split_mode = memory.split_mode
         host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
@@ -142,6 +158,8 @@ class RankModel:
         self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads,
                                      pin_memory=self.device.type == "cuda").start()
         self.embed_table = self._resident_embedding(budget) if rank == 0 else None
+        self._halves = {j: self._split_block(specs[j].key, self.sched.pinned(j)) for j in self.residency.pinned
+                        if specs[j].key in self.columns}  # built once: they stay in host memory
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         self._rope: tuple = (None, None)  # ((start, length, device), (cos, sin)): once per step, not per layer
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
@@ -199,7 +217,8 @@ class RankModel:
             return 0.0
         blocks = self.sched.blocks
         total = sum(b.nbytes for b in blocks)
-        return sum(b.nbytes * self.split.ratio_of(b.key) for b in blocks) / total if total else 0.0
+        share = self.shares.get if self.split_mode == "blocks" else lambda key, _: self.split.ratio_of(key)
+        return sum(b.nbytes * share(b.key, 0.0) for b in blocks) / total if total else 0.0
 
     def _split_ratio(self, memory: MemoryOptions, specs: list, threads: int) -> float | None:
         """The configured ratio; with a GPU and none configured, measured on this rank's shapes:
@@ -225,6 +244,23 @@ class RankModel:
         if ratio is not None and not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")
         return ratio
+
+    @staticmethod
+    def _split_extent(spec) -> int:
+        """What the block split divides: an FFN block's intermediate columns, a head chunk's rows."""
+        names = {t.name: t for t in spec.tensors}
+        if spec.key[1] == "ffn" and "gate_proj.weight" in names:
+            return names["gate_proj.weight"].shape[0]
+        if spec.key[1] == "head":
+            return names["weight"].shape[0]
+        return 0
+
+    def _split_block(self, key: tuple, w: Weights) -> tuple[Weights, Weights]:
+        """Block `key`'s (CPU part, accelerator part) at its planned columns; the accelerator's part
+        named as the Splitter names it. `w` is consumed (hetero.split_block rearranges it)."""
+        cpu, dev = split_block(w, "head" if key[1] == "head" else "ffn", self.columns[key])
+        w.pop("down_proj.weight", None)  # scrambled: nothing may read it whole
+        return cpu, self._split_tensors(key, dev)
 
     def _activation_bytes(self, shard) -> int:
         """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
@@ -269,13 +305,21 @@ class RankModel:
                 return run(x, w)
             return self._run_split(i, key, x, w, run)
 
-    def _run_split(self, i: int, key: tuple, x: torch.Tensor, w: Weights, run) -> torch.Tensor:
-        """Host block i split between the CPU and the GPU; x and the result on the CPU."""
-        weights = self.split.weights(key, w)  # queues the copies, unless already queued
+    def _run_split(self, i: int, key: tuple, x: torch.Tensor, w: Weights, run, join=torch.add) -> torch.Tensor:
+        """Host block i on the GPU from a copy, or split between the CPU and the GPU; x and the
+        result on the CPU. Block split: a block with planned columns runs as two blocks at once,
+        the GPU's part queued first, then the CPU's computed here, and the results joined
+        (`join`: added for an FFN block's partial sums). Row split: the Splitter splits every
+        projection itself."""
+        cpu_w, gpu_w = (None, self._split_tensors(key, w)) if key not in self.columns else (
+            self._halves[i] if i in self._halves else self._split_block(key, w))  # a streamed block: its buffer
+        weights = self.split.weights(key, gpu_w)  # queues the copies, unless already queued
         self._prefetch_after(i)
         y = run(x.to(self.device), weights)  # activations stay on the GPU; only the CPU's rows travel
+        c = None if cpu_w is None else run(x, cpu_w)  # while the GPU computes its part
+        y = y.to(x.device)
         self.split.finish(key)
-        return y.to(x.device)
+        return y if c is None else join(c, y)
 
     @staticmethod
     def _split_tensors(key: tuple, w: Weights) -> Weights:
@@ -296,8 +340,9 @@ class RankModel:
                 continue
             if j not in self.residency.pinned:
                 return
-            self.split.upcoming(key, self._split_tensors(key, self.sched.pinned(j)))
-            queued += ratio * blocks[j].nbytes
+            w = self._halves[j][1] if j in self._halves else self._split_tensors(key, self.sched.pinned(j))
+            self.split.upcoming(key, w)
+            queued += sum(t.nbytes for t in w.values()) if j in self._halves else ratio * blocks[j].nbytes
             if queued >= self.split.nbytes:  # as far ahead as the copy ring holds
                 return
 
@@ -341,11 +386,17 @@ class RankModel:
             with self.sched.block(i) as w:
                 if self.split is None or self.split.on_cpu(self.sched.blocks[i].key):
                     out[:, a:b] = F.linear(hn, w["weight"])
-                else:  # split like the layers' projections
+                else:  # on the GPU from a copy, or split like the layers' projections
                     key = self.sched.blocks[i].key
-                    out[:, a:b] = self._run_split(i, key, hn, self._split_tensors(key, w),
-                                                  lambda x, w: w["lm_head.weight"](x))
+                    out[:, a:b] = self._run_split(i, key, hn, w, _head_rows, lambda c, y: torch.cat([c, y], dim=1))
         return out
+
+
+def _head_rows(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    """An LM-head chunk (or a part of its rows) on x, on the accelerator through the Splitter or on
+    the CPU from host memory."""
+    t = w["lm_head.weight"] if "lm_head.weight" in w else w["weight"]
+    return F.linear(x, t) if isinstance(t, torch.Tensor) else t(x)
 
 
 def run_layers(model: RankModel, comm: Communicator, x: torch.Tensor, seq: int, step: int,

@@ -453,28 +453,66 @@ class SplitWeight:
         return self.sp.land(self.sp.begin(self, x))
 
 
-def plan_blocks(sizes: Sequence[int], fraction: float, cpu_ok: Sequence[bool] | None = None) -> list[float]:
-    """The block split: for host blocks of these sizes (bytes, in order of use), 1.0 (copied to the
-    accelerator whole and computed there) or 0.0 (computed whole on the CPU from host memory),
-    interleaved so that the accelerator's running share of the bytes stays as near `fraction` as
-    whole blocks allow; a block whose `cpu_ok` is False (an attention block: its KV cache is on the
-    accelerator) always goes to the accelerator. While the CPU computes one of its blocks, the copy
-    engine brings the next accelerator block over: neither waits for the other inside a block, and
-    a block has no CPU/accelerator join (the row split has one per projection stage)."""
+def plan_shares(sizes: Sequence[int], fraction: float, cpu_ok: Sequence[bool] | None = None) -> list[float]:
+    """The block split: for host blocks of these sizes (bytes, in order of use), the accelerator's
+    share of each block, so that it computes `fraction` of all their bytes: a block whose `cpu_ok`
+    is False (an attention block: its KV cache is on the accelerator) goes to the accelerator
+    whole (1.0); every other block (FFN blocks, LM-head chunks) is shared at one common share, which
+    may come out at 0 (the CPU's whole) or 1. Each shared block is computed by both at once, on
+    disjoint columns (``split_block``), so neither waits for the other within a block, and the copy
+    engine brings the next blocks' accelerator parts over while the CPU computes its part."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"split fraction={fraction}: expected a number in [0, 1]")
     cpu_ok = [True] * len(sizes) if cpu_ok is None else list(cpu_ok)
     if len(cpu_ok) != len(sizes):
         raise ValueError(f"cpu_ok has {len(cpu_ok)} entries for {len(sizes)} blocks")
-    out, gpu, total = [], 0, 0
-    for size, movable in zip(sizes, cpu_ok, strict=True):
+    for size in sizes:
         if size < 0:
             raise ValueError(f"block size {size}: expected a number of bytes >= 0")
-        total += size
-        take = not movable or abs(gpu + size - fraction * total) <= abs(gpu - fraction * total)  # nearer with it
-        out.append(1.0 if take and (size or not movable) else 0.0)  # an empty block: nothing to copy
-        gpu += size if take else 0
-    return out
+    fixed = sum(s for s, movable in zip(sizes, cpu_ok, strict=True) if not movable)
+    movable = sum(sizes) - fixed
+    share = min(1.0, max(0.0, (fraction * sum(sizes) - fixed) / movable)) if movable else 0.0
+    return [share if m else 1.0 for m in cpu_ok]
+
+
+def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dict, dict]:
+    """Block `w` as two blocks whose results add up (FFN) or sit side by side (an LM-head chunk):
+    (the CPU's: intermediate columns [0, cpu) of an FFN block, rows [0, cpu) of a head chunk; the
+    accelerator's: the rest), each part's weights contiguous in memory, so that the accelerator's
+    can be copied over as they are. An FFN block's down projection [D, I] is rearranged in place
+    for that (its columns [0, cpu), then the others, each part row-major): `w`'s own
+    down_proj.weight is scrambled afterwards and must not be used again. The norm goes to both
+    parts, the down projection's bias to the CPU's alone (it is added once)."""
+    if kind == "head":
+        t = w["weight"]
+        if not 0 < cpu < t.shape[0]:
+            raise ValueError(f"split at row {cpu}: expected 0 < row < {t.shape[0]}")
+        return {"weight": t[:cpu]}, {"weight": t[cpu:]}
+    if kind != "ffn":
+        raise ValueError(f"block kind {kind!r}: only FFN blocks and LM-head chunks are split by columns")
+    down = w["down_proj.weight"]
+    d, inter = down.shape
+    if not 0 < cpu < inter:
+        raise ValueError(f"split at column {cpu}: expected 0 < column < {inter}")
+    flat = down.view(-1)
+    gpu_cols = down[:, cpu:].clone()  # its place is overwritten by the CPU's columns first
+    for a in range(0, d, 256):  # row chunks: their CPU columns land before their own start (cpu <= inter)
+        b = min(d, a + 256)
+        flat[a * cpu:b * cpu].view(b - a, cpu).copy_(down[a:b, :cpu].clone())
+    flat[d * cpu:].view(d, inter - cpu).copy_(gpu_cols)
+    halves: tuple[dict, dict] = ({}, {})
+    for name, t in w.items():
+        base = name.rsplit(".", 1)[0]
+        if base in ("gate_proj", "up_proj"):  # rows (weight) or entries (bias) by intermediate column
+            halves[0][name], halves[1][name] = t[:cpu], t[cpu:]
+        elif name == "down_proj.weight":
+            halves[0][name] = flat[:d * cpu].view(d, cpu)
+            halves[1][name] = flat[d * cpu:].view(d, inter - cpu)
+        elif name == "down_proj.bias":
+            halves[0][name] = t
+        else:  # the norm
+            halves[0][name] = halves[1][name] = t
+    return halves
 
 
 def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], threads: int | None = None,
