@@ -5,10 +5,11 @@ GPU budget holds a third of each rank's blocks, at world sizes 1 and 2, for
   ondemand  GPU-resident blocks on the GPU; each other block copied to the GPU whole when it is
             used (split ratio 1, no prefetch), then computed there,
   stream    the same, but the next block's copy starts while this one computes (ratio 1, prefetch),
-  blocks    the other blocks shared whole (the default split): each computed on the CPU from host
-            memory or on the GPU from a copy, interleaved by hetero.plan_blocks so that the copy
-            engine brings the next GPU block over while the CPU computes; the GPU's share of the
-            host bytes measured at start from CPU and copy bandwidth, running at once (the prediction),
+  blocks    the block split (the default): attention blocks on the GPU from a copy, FFN blocks and
+            LM-head chunks computed by the CPU (from host memory) and the GPU (from a copy) at once
+            on disjoint columns (hetero.plan_shares, split_block), the copy engine bringing the next
+            blocks' GPU parts over meanwhile; the GPU's share of the host bytes measured at start
+            from CPU and copy bandwidth, running at once (the prediction),
   blocks@f  the same at fixed shares f (the sweep), to compare the predicted share with the best,
   rows      every projection of the other blocks split by output rows: the CPU computes its rows
             from host memory on a worker thread while the GPU's rows are copied over on a side

@@ -45,8 +45,9 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
                    "that fit --gpu-memory-budget live on it, and the rest is split between CPU and GPU")
     p.add_argument("--gpu-memory-budget", help="GPU memory for tpi (default: 90%% of what is free)")
     p.add_argument("--split-mode", choices=SPLIT_MODES, default="blocks",
-                   help="how host blocks (those not on the GPU) are shared: blocks (default): each computed whole, "
-                   "on the CPU or on the GPU from a copy, interleaved; rows: every projection split by output rows")
+                   help="how host blocks (those not on the GPU) are shared: blocks (default): attention on the GPU "
+                   "from a copy, FFN blocks and LM-head chunks computed by both at once on disjoint columns; "
+                   "rows: every projection split by output rows")
     p.add_argument("--split-ratio", type=float, help="the GPU's share of the host blocks: of their bytes (blocks) or "
                    "of each projection's rows (rows); default: measured at start")
     p.add_argument("--lost-timeout", type=float, default=3.0,

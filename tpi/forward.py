@@ -111,7 +111,7 @@ class RankModel:
             raise ConfigError(f"split_mode={memory.split_mode!r}: expected 'blocks' or 'rows'")
         ratio = self._split_ratio(memory, specs, threads)
         blocks_mode = memory.split_mode == "blocks"
-        # any block may end up on the host; a block split copies whole projections
+        # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
         reserve = SPLIT_SLOTS * slot + small
         self.gpu_blocks = self._place_on_gpu(specs, memory, reserve) if self.device.type == "cuda" else {}

@@ -10,8 +10,10 @@ it is fetched to the host once and every projection that takes it (q/k/v, gate/u
 both halves: their CPU rows back to back on the worker, their accelerator rows queued (so that the
 ring frees up as soon as their copies land); each call then lands its CPU rows in the same output
 (small asynchronous copies through pinned buffers: on an H200 host they wait ~3 us behind a weight
-copy, so they need no path of their own). ``plan_blocks`` gives the block split's per-block ratios
-(0 or 1: whole blocks on one side, interleaved), ``measure_bandwidths`` its share of bytes. Also
+copy, so they need no path of their own). For the block split: ``plan_shares`` gives each block's
+share (attention whole on the accelerator, the others shared at one share), ``split_block`` cuts a
+shared block into its CPU part and its accelerator part (disjoint FFN columns, head rows; the
+accelerator's part then runs here at ratio 1), ``measure_bandwidths`` the share of bytes. Also
 ``share_bytes`` (the largest projection share and the small tensors kept on the accelerator, for
 the GPU budget) and ``calibrate`` (the row split's ratio: the split path itself timed on synthetic
 blocks of the rank's shapes over a grid of ratios). With the accelerator set to the CPU the same
@@ -174,7 +176,7 @@ class Splitter:
         for r in (ratio, *(ratios or {}).values()):
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"split ratio={r}: expected a number in [0, 1]")
-        self.ratios = dict(ratios or {})  # block key -> its own ratio (plan_blocks); others: `ratio`
+        self.ratios = dict(ratios or {})  # block key -> its own ratio (block split: 0 or 1); others: `ratio`
         self.copies = ratio > 0 or any(r > 0 for r in self.ratios.values())  # False: nothing is ever copied
         if slots < 1:
             raise ValueError(f"split slots={slots}: expected at least 1")
