@@ -31,7 +31,7 @@ from tpi.hetero import (
     split_block,
 )
 from tpi.kv_cache import KVCache
-from tpi.layers import Weights, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
+from tpi.layers import Weights, _linear, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
@@ -256,11 +256,18 @@ class RankModel:
         return 0
 
     def _split_block(self, key: tuple, w: Weights) -> tuple[Weights, Weights]:
-        """Block `key`'s (CPU part, accelerator part) at its planned columns; the accelerator's part
-        named as the Splitter names it. `w` is consumed (hetero.split_block rearranges it)."""
+        """Block `key`'s (CPU part, accelerator part) at its planned columns, named as the Splitter
+        names them. `w` is consumed (hetero.split_block rearranges it)."""
         cpu, dev = split_block(w, "head" if key[1] == "head" else "ffn", self.columns[key])
         w.pop("down_proj.weight", None)  # scrambled: nothing may read it whole
-        return cpu, self._split_tensors(key, dev)
+        return self._split_tensors(key, cpu), self._split_tensors(key, dev)
+
+    def _parts(self, i: int, key: tuple, w: Weights) -> tuple[Weights | None, Weights]:
+        """Host block i's (CPU part or None, accelerator part): a pinned block's parts were made
+        once at start, a streamed block's are made in its buffer on each use."""
+        if key not in self.columns:
+            return None, self._split_tensors(key, w)
+        return self._halves[i] if i in self._halves else self._split_block(key, w)
 
     def _activation_bytes(self, shard) -> int:
         """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
@@ -311,8 +318,7 @@ class RankModel:
         the GPU's part queued first, then the CPU's computed here, and the results joined
         (`join`: added for an FFN block's partial sums). Row split: the Splitter splits every
         projection itself."""
-        cpu_w, gpu_w = (None, self._split_tensors(key, w)) if key not in self.columns else (
-            self._halves[i] if i in self._halves else self._split_block(key, w))  # a streamed block: its buffer
+        cpu_w, gpu_w = self._parts(i, key, w)
         weights = self.split.weights(key, gpu_w)  # queues the copies, unless already queued
         self._prefetch_after(i)
         y = run(x.to(self.device), weights)  # activations stay on the GPU; only the CPU's rows travel
@@ -340,9 +346,9 @@ class RankModel:
                 continue
             if j not in self.residency.pinned:
                 return
-            w = self._halves[j][1] if j in self._halves else self._split_tensors(key, self.sched.pinned(j))
+            w = self._parts(j, key, self.sched.pinned(j))[1]
             self.split.upcoming(key, w)
-            queued += sum(t.nbytes for t in w.values()) if j in self._halves else ratio * blocks[j].nbytes
+            queued += sum(t.nbytes for t in w.values()) if key in self.columns else ratio * blocks[j].nbytes
             if queued >= self.split.nbytes:  # as far ahead as the copy ring holds
                 return
 
@@ -395,8 +401,7 @@ class RankModel:
 def _head_rows(x: torch.Tensor, w: Weights) -> torch.Tensor:
     """An LM-head chunk (or a part of its rows) on x, on the accelerator through the Splitter or on
     the CPU from host memory."""
-    t = w["lm_head.weight"] if "lm_head.weight" in w else w["weight"]
-    return F.linear(x, t) if isinstance(t, torch.Tensor) else t(x)
+    return _linear(x, w, "lm_head")
 
 
 def run_layers(model: RankModel, comm: Communicator, x: torch.Tensor, seq: int, step: int,
