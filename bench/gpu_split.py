@@ -147,13 +147,16 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
             rows.append({"world": world, "setting": name, "ms": statistics.median(ms[name]), "all_ms": ms[name],
                          "ratio": stats[0]["split_ratio"], "ratios": [r["split_ratio"] for r in stats],
                          "gpu_share": [r["split_gpu_share"] for r in stats],
+                         "host_ms": [1000 * r["split_host_s"] for r in stats],
+                         "peak_rss_gb": [r["peak_rss_bytes"] / 1e9 for r in stats],
                          "gpu_blocks": sum(r["gpu_blocks"] for r in stats),
                          "host_blocks": sum(r["pinned_blocks"] + r["streamed_blocks"] for r in stats)})
             ratios = "/".join(f"{r:.3g}" for r in rows[-1]["ratios"])
             rows[-1]["split_ms_per_step"] = [{k: 1000 * r[f"split_{k}"] / max(1, r["steps"]) for k in SPLIT_COUNTERS}
                                              for r in stats]
+            host = "/".join(f"{v:.1f}" for v in rows[-1]["host_ms"])
             print(f"  world {world} {name:>10}: {rows[-1]['ms']:7.1f} ms/token "
-                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}, "
+                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}, dispatch counted {host} ms, "
                   f"{rows[-1]['gpu_blocks']} GPU / {rows[-1]['host_blocks']} host blocks; rank 0 ms/step: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1]["split_ms_per_step"][0].items()) + ")", flush=True)
     return rows
@@ -372,12 +375,23 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
             cal = getattr(m, "calibration", None)
             print(f"profile {name}: ratio {m.split.ratio if m.split else 0:.3f}, {len(m.gpu_blocks)} GPU blocks, "
                   f"{plain}"
-                  + (f"; calibration ms per walk {cal['ms']}" if cal else ""), flush=True)
+                  + (f"; calibration {_calibration(cal)}" if cal else ""), flush=True)
             print(table[:3000], flush=True)
         finally:
             m.close()
             del m
             torch.cuda.empty_cache()
+
+
+def _calibration(cal: dict) -> str:
+    """What a rank measured at start, in words: the row split's timed walks, or the block split's
+    rates and dispatch."""
+    if "ms" in cal:
+        return f"ms per walk {cal['ms']}"
+    paths = " ".join(f"{k} {1e3 * v:.2f}" for k, v in cal.get("dispatch_s", {}).items())
+    return (f"CPU {cal['cpu_Bps'] / 1e9:.1f} GB/s, copy {cal['copy_Bps'] / 1e9:.1f} GB/s (bandwidths alone: "
+            f"{cal.get('bandwidth_fraction', cal['fraction']):.2f}), dispatch {1000 * cal.get('host_s', 0):.1f} "
+            f"ms/token ({paths}) -> {cal['fraction']:.2f}")
 
 
 def block_bytes(model: Path, cache: Path, world: int, dtype: str) -> list[int]:
@@ -444,7 +458,8 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
     if probes:
         lines += ["probe: " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()), ""]
     lines += ["| world | setting | ms/token | split ratio | GPU share of host bytes | GPU / host blocks "
-              "| vs best of cpu, ondemand | vs stream |", "|---|---|---|---|---|---|---|---|"]
+              "| vs best of cpu, ondemand | vs stream | peak RSS per rank (VmHWM, GB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for world in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == world]
         best = min((r["ms"] for r in mine if r["setting"] in BASELINES), default=float("nan"))
@@ -452,7 +467,8 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
         for r in mine:
             shares = "/".join(f"{v:.2f}" for v in r["gpu_share"])
             lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {shares} | "
-                         f"{r['gpu_blocks']} / {r['host_blocks']} | {best / r['ms']:.2f}x | {stream / r['ms']:.2f}x |")
+                         f"{r['gpu_blocks']} / {r['host_blocks']} | {best / r['ms']:.2f}x | {stream / r['ms']:.2f}x | "
+                         + "/".join(f"{v:.2f}" for v in r["peak_rss_gb"]) + " |")
     lines.append("")
     for world in sorted({r["world"] for r in rows}):
         for family in ("blocks", "rows"):

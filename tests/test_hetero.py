@@ -3,13 +3,16 @@ there is one (skipped cleanly otherwise)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
-from tpi.forward import SPLIT_SLOTS, split_gpu_bytes
-from tpi.hetero import Splitter, calibrate, measure_bandwidths, plan_shares, share_bytes, split_block
+from tpi.config import ModelConfig
+from tpi.forward import SPLIT_SLOTS, dispatch_seconds, split_gpu_bytes
+from tpi.hetero import Splitter, balance_share, calibrate, measure_bandwidths, plan_shares, share_bytes, split_block
 from tpi.weights import Manifest, block_spec, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -126,6 +129,39 @@ def test_plan_shares_gives_attention_whole_and_shares_the_rest():
         plan_shares([1, 2], 0.5, [True])
     with pytest.raises(ValueError, match="block size -1"):
         plan_shares([-1], 0.5)
+
+
+def test_balance_share_equalises_the_two_sides():
+    """The share of host bytes at which the copy engine (attention bytes plus the GPU's share of
+    the rest) and the thread that runs the blocks (the CPU's share plus its dispatch) take equally
+    long; more dispatch moves bytes to the GPU; clamped at both ends."""
+    assert balance_share(0, 100, 40.0, 60.0) == pytest.approx(0.6)  # copy / (cpu + copy)
+    attn, shared, cpu, copy = 400e6, 800e6, 46e9, 53e9
+    last = 0.0
+    for host_s in (0.0, 0.002, 0.008):
+        f = balance_share(int(attn), int(shared), cpu, copy, host_s)
+        s = (f * (attn + shared) - attn) / shared  # the shared blocks' share
+        assert 0 < s < 1 and (attn + s * shared) / copy == pytest.approx((1 - s) * shared / cpu + host_s)
+        assert f > last
+        last = f
+    assert balance_share(100, 100, 1.0, 1.0, host_s=1e3) == 1.0  # dispatch alone outlasts every copy
+    assert balance_share(1000, 10, 1e9, 1.0) == pytest.approx(1000 / 1010)  # attention alone outlasts the CPU: s = 0
+    assert balance_share(5, 0, 1.0, 1.0) == 1.0 and balance_share(0, 0, 1.0, 1.0) == 0.0
+    with pytest.raises(ValueError, match="copy_Bps=0.0: expected a bandwidth > 0"):
+        balance_share(1, 1, 1.0, 0.0)
+    with pytest.raises(ValueError, match="host_s=-1: expected a number >= 0"):
+        balance_share(1, 1, 1.0, 1.0, -1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dispatch_seconds_times_every_path(tiny_models, family):
+    """Each path a block takes, timed on tiny blocks of the model's structure (biases, q/k norms),
+    on the CPU as in CI: every path runs and costs some time."""
+    path, _ = tiny_models(family)
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    d = dispatch_seconds(cfg, torch.device("cpu"), torch.float32, repeats=5)
+    assert set(d) == {"gpu_attn", "gpu_ffn", "copied_attn", "split", "split_head"}
+    assert all(0 < v < 1 for v in d.values())
 
 
 @pytest.mark.parametrize("cpu", [1, 37, 95])
@@ -264,6 +300,7 @@ def test_block_split_measures_its_fraction(tiny_models, split_cache):
     with LocalCluster(path, world_size=1, cache_dir=split_cache, device="cuda", gpu_memory_budget=budget) as cluster:
         stats = cluster.stats()[0]
         assert stats["split_mode"] == "blocks" and 0 < stats["split_ratio"] < 1  # measured at start
+        assert 0 < stats["split_host_s"] < 1  # the rank's dispatch, counted on the CPU's side
         assert stats["pinned_blocks"] + stats["streamed_blocks"] > 0
         assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,10 +21,11 @@ import torch.nn.functional as F
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
-from tpi.config import SPLIT_MODES, ConfigError, parse_bytes
+from tpi.config import SPLIT_MODES, ConfigError, ModelConfig, parse_bytes
 from tpi.hetero import (
     SPLIT_COUNTERS,
     Splitter,
+    balance_share,
     calibrate,
     is_projection,
     measure_bandwidths,
@@ -30,7 +33,7 @@ from tpi.hetero import (
     share_bytes,
     split_block,
 )
-from tpi.kv_cache import KVCache
+from tpi.kv_cache import KVCache, LayerCache
 from tpi.layers import Weights, _linear, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
@@ -129,6 +132,8 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
+        if blocks_mode and self.calibration is not None:  # measured: now that it is known what is where
+            ratio = self._balanced_fraction(specs)
         # block split: block key -> the CPU's columns (FFN) or rows (head chunk) of a block both compute
         self.columns: dict[tuple, int] = {}
         self.shares: dict[tuple, float] = {}  # block split: block key -> the accelerator's share of its bytes
@@ -188,6 +193,8 @@ class RankModel:
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
             "split_ratio": self.split.ratio if self.split else 0.0, "split_mode": self.split_mode if self.split else "",
             "split_gpu_share": self._gpu_share(),
+            # block split measured at start: the dispatch per token counted on the CPU's side
+            "split_host_s": (self.calibration or {}).get("host_s", 0.0),
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
             **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
@@ -223,9 +230,10 @@ class RankModel:
     def _split_ratio(self, memory: MemoryOptions, specs: list, threads: int) -> float | None:
         """The configured ratio; with a GPU and none configured, measured on this rank's shapes:
         block split, the share of bytes at which the CPU's matmuls and the copy engine, running at
-        once, take equally long (hetero.measure_bandwidths, on its largest projection's shape); row
-        split, the fastest ratio when the split path is timed (one attention and one FFN block).
-        None: no split."""
+        once, take equally long (hetero.measure_bandwidths, on its largest projection's shape; once
+        the blocks are placed, ``_balanced_fraction`` adds the rank's dispatch to the CPU's side);
+        row split, the fastest ratio when the split path is timed (one attention and one FFN
+        block). None: no split."""
         ratio = memory.split_ratio
         self.calibration: dict | None = None
         if ratio is None and self.device.type == "cuda" and memory.split_mode == "blocks":
@@ -244,6 +252,21 @@ class RankModel:
         if ratio is not None and not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")
         return ratio
+
+    def _balanced_fraction(self, specs: list) -> float:
+        """The block split's share of the host bytes (`specs`) for the GPU, from the rates measured
+        at start and this rank's own work per token on the thread that runs the blocks, which the
+        CPU's part has to share (hetero.balance_share): the dispatch of its GPU-resident blocks and
+        of its host blocks, timed on tiny blocks of the model (dispatch_seconds)."""
+        d = dispatch_seconds(self.cfg, self.device, self.dtype)
+        path = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
+        host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks)
+                  + sum(d[path[s.key[1]]] for s in specs))
+        attn = sum(s.nbytes for s in specs if s.key[1] == "attn")
+        cal = self.calibration
+        fraction = balance_share(attn, sum(s.nbytes for s in specs) - attn, cal["cpu_Bps"], cal["copy_Bps"], host_s)
+        cal.update(dispatch_s=d, host_s=host_s, bandwidth_fraction=cal["fraction"], fraction=fraction)
+        return fraction
 
     @staticmethod
     def _split_extent(spec) -> int:
@@ -319,13 +342,7 @@ class RankModel:
         (`join`: added for an FFN block's partial sums). Row split: the Splitter splits every
         projection itself."""
         cpu_w, gpu_w = self._parts(i, key, w)
-        weights = self.split.weights(key, gpu_w)  # queues the copies, unless already queued
-        self._prefetch_after(i)
-        y = run(x.to(self.device), weights)  # activations stay on the GPU; only the CPU's rows travel
-        c = None if cpu_w is None else run(x, cpu_w)  # while the GPU computes its part
-        y = y.to(x.device)
-        self.split.finish(key)
-        return y if c is None else join(c, y)
+        return split_step(self.split, key, x, cpu_w, gpu_w, run, join, lambda: self._prefetch_after(i))
 
     @staticmethod
     def _split_tensors(key: tuple, w: Weights) -> Weights:
@@ -402,6 +419,82 @@ def _head_rows(x: torch.Tensor, w: Weights) -> torch.Tensor:
     """An LM-head chunk (or a part of its rows) on x, on the accelerator through the Splitter or on
     the CPU from host memory."""
     return _linear(x, w, "lm_head")
+
+
+def split_step(split: Splitter, key: tuple, x: torch.Tensor, cpu_w: Weights | None, gpu_w: Weights, run, join,
+               prefetch=lambda: None) -> torch.Tensor:
+    """One host block through `split`, x and the result on the CPU: the GPU's part (`gpu_w`) queued
+    first (`prefetch` then queues the next blocks' copies), then the CPU's part (`cpu_w`, if any)
+    computed here while the GPU computes, and the two joined."""
+    weights = split.weights(key, gpu_w)  # queues the copies, unless already queued
+    prefetch()
+    y = run(x.to(split.device), weights)  # activations stay on the GPU; only the CPU's rows travel
+    c = None if cpu_w is None else run(x, cpu_w)  # while the GPU computes its part
+    y = y.to(x.device)
+    split.finish(key)
+    return y if c is None else join(c, y)
+
+
+def dispatch_seconds(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, repeats: int = 20
+                     ) -> dict[str, float]:
+    """Host seconds per block of one decode token along each path a block of this model can take,
+    timed on tiny blocks of its structure (head_dim, grouped KV heads, biases, q/k norms), whose
+    bytes cost next to nothing: what is left is the work of the thread that runs the blocks
+    (Python, op dispatch, kernel launches, the sync that brings each result back). Keys: "gpu_attn",
+    "gpu_ffn" (resident on the accelerator), "copied_attn" (from the copy ring), "split" and
+    "split_head" (an FFN block, an LM-head chunk, in a CPU part and an accelerator part, as the block
+    split runs them). Medians of `repeats`."""
+    gen = torch.Generator().manual_seed(0)
+    hd, d, inter = cfg.head_dim, 64, 64
+    hq, hkv = (2, 1) if cfg.group_size > 1 else (2, 2)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
+
+    ones = lambda n: torch.ones(n, dtype=dtype)  # noqa: E731
+    attn = {"input_layernorm.weight": ones(d), "q_proj.weight": rand(hq * hd, d), "k_proj.weight": rand(hkv * hd, d),
+            "v_proj.weight": rand(hkv * hd, d), "o_proj.weight": rand(d, hq * hd)}
+    if cfg.qkv_bias:
+        attn.update({"q_proj.bias": rand(hq * hd), "k_proj.bias": rand(hkv * hd), "v_proj.bias": rand(hkv * hd)})
+    if cfg.attention_bias:
+        attn["o_proj.bias"] = rand(d)
+    if cfg.qk_norm:
+        attn.update({"q_norm.weight": ones(hd), "k_norm.weight": ones(hd)})
+    ffn = {"post_attention_layernorm.weight": ones(d), "gate_proj.weight": rand(inter, d),
+           "up_proj.weight": rand(inter, d), "down_proj.weight": rand(d, inter)}
+    if cfg.mlp_bias:
+        ffn.update({"gate_proj.bias": rand(inter), "up_proj.bias": rand(inter), "down_proj.bias": rand(d)})
+    pin = device.type == "cuda"
+    host = [{k: t.pin_memory() if pin else t.clone() for k, t in b.items()} for b in (attn, ffn)]
+    cpu_ffn, gpu_ffn = split_block(host[1], "ffn", inter // 2)
+    cpu_head, gpu_head = ({"lm_head.weight": t} for t in (rand(inter, d)[: inter // 2], rand(inter, d)))
+    on_dev = [{k: t.to(device) for k, t in b.items()} for b in (attn, ffn)]
+    start = 8
+    cache = LayerCache(*(torch.zeros(hkv, 2 * start, hd, dtype=dtype, device=device) for _ in range(2)))
+    rope = rope_cos_sin(rope_inv_freq(cfg.rope, hd).to(device), torch.tensor([start], device=device), dtype)
+    run_attn = lambda x, w: attention_partial(x, w, cache, start, cfg, rope, None)  # noqa: E731
+    run_ffn = lambda x, w: ffn_partial(x, w, cfg)  # noqa: E731
+    x = rand(1, d)
+    slot = max(share_bytes([(n, tuple(t.shape), t.dtype) for n, t in b.items()], 1.0)[0] for b in host)
+    if pin:
+        gpu_head["lm_head.weight"] = gpu_head["lm_head.weight"].pin_memory()
+    cat = lambda c, y: torch.cat([c, y], dim=1)  # noqa: E731
+    walk = [("attn", None, host[0], run_attn, None), ("ffn", cpu_ffn, gpu_ffn, run_ffn, torch.add),
+            ("head", cpu_head, gpu_head, _head_rows, cat)]
+    names = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
+    times: dict[str, list[float]] = {k: [] for k in ("gpu_attn", "gpu_ffn", *names.values())}
+    with torch.inference_mode(), Splitter(device, 1.0, slot, SPLIT_SLOTS, 1) as sp:
+        for _ in range(repeats + 2):  # two warm-up rounds
+            for name, run, w in (("gpu_attn", run_attn, on_dev[0]), ("gpu_ffn", run_ffn, on_dev[1])):
+                t0 = time.perf_counter()
+                run(x.to(device), w).to("cpu")
+                times[name].append(time.perf_counter() - t0)
+            for j, (key, cpu_w, gpu_w, run, join) in enumerate(walk):
+                after = walk[(j + 1) % len(walk)]
+                t0 = time.perf_counter()
+                split_step(sp, key, x, cpu_w, gpu_w, run, join, lambda a=after: sp.upcoming(a[0], a[2]))
+                times[names[key]].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[2:]) for k, v in times.items()}
 
 
 def run_layers(model: RankModel, comm: Communicator, x: torch.Tensor, seq: int, step: int,

@@ -13,7 +13,8 @@ ring frees up as soon as their copies land); each call then lands its CPU rows i
 copy, so they need no path of their own). For the block split: ``plan_shares`` gives each block's
 share (attention whole on the accelerator, the others shared at one share), ``split_block`` cuts a
 shared block into its CPU part and its accelerator part (disjoint FFN columns, head rows; the
-accelerator's part then runs here at ratio 1), ``measure_bandwidths`` the share of bytes. Also
+accelerator's part then runs here at ratio 1), ``measure_bandwidths`` the CPU's and the copy
+engine's rates, running at once, and ``balance_share`` the share of bytes from them. Also
 ``share_bytes`` (the largest projection share and the small tensors kept on the accelerator, for
 the GPU budget) and ``calibrate`` (the row split's ratio: the split path itself timed on synthetic
 blocks of the rank's shapes over a grid of ratios). With the accelerator set to the CPU the same
@@ -477,6 +478,31 @@ def plan_shares(sizes: Sequence[int], fraction: float, cpu_ok: Sequence[bool] | 
     return [share if m else 1.0 for m in cpu_ok]
 
 
+def balance_share(gpu_only: int, shared: int, cpu_Bps: float, copy_Bps: float, host_s: float = 0.0) -> float:
+    """The block split's share of the host bytes for the accelerator, from measured rates: per
+    token the copy engine brings over the `gpu_only` bytes (attention blocks) and a share s of the
+    `shared` ones (FFN blocks, LM-head chunks), while the thread that runs the blocks computes the
+    other 1 - s of them on the CPU and also spends `host_s` seconds on everything else (launching
+    the accelerator's work, the blocks resident there, syncs). Both run at once, so a token takes
+    the longer of the two: s is where they are equal,
+    (gpu_only + s * shared) / copy_Bps == (1 - s) * shared / cpu_Bps + host_s, clamped to [0, 1].
+    Returns (gpu_only + s * shared) / (gpu_only + shared), the fraction ``plan_shares`` takes.
+    With host_s = 0 and no gpu_only bytes this is copy_Bps / (cpu_Bps + copy_Bps)."""
+    for name, v in (("gpu_only", gpu_only), ("shared", shared), ("host_s", host_s)):
+        if v < 0:
+            raise ValueError(f"{name}={v}: expected a number >= 0")
+    for name, v in (("cpu_Bps", cpu_Bps), ("copy_Bps", copy_Bps)):
+        if not v > 0:
+            raise ValueError(f"{name}={v}: expected a bandwidth > 0 bytes per second")
+    if gpu_only + shared == 0:
+        return 0.0
+    if shared == 0:
+        return 1.0
+    s = (shared / cpu_Bps + host_s - gpu_only / copy_Bps) / (shared / cpu_Bps + shared / copy_Bps)
+    s = min(1.0, max(0.0, s))
+    return (gpu_only + s * shared) / (gpu_only + shared)
+
+
 def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dict, dict]:
     """Block `w` as two blocks whose results add up (FFN) or sit side by side (an LM-head chunk):
     (the CPU's: intermediate columns [0, cpu) of an FFN block, rows [0, cpu) of a head chunk; the
@@ -518,13 +544,13 @@ def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dic
 
 
 def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], threads: int | None = None,
-                       nbytes: int | None = None, repeats: int = 3) -> dict:
+                       nbytes: int | None = None, repeats: int = 5) -> dict:
     """Bytes per second of the two halves of the block split running at once, as they do: one-row
     CPU matmuls over host weights of `shape` ([out, in], past the CPU's caches) in this thread, and
     pinned host-to-device copies queued on a side stream (the copy engine needs no thread); each
     measured while the other runs, since both draw on the host's memory. Medians over `repeats`.
     Returns {"cpu_Bps", "copy_Bps", "fraction"}: the accelerator's share of the bytes at which both
-    take equally long, copy_Bps / (cpu_Bps + copy_Bps)."""
+    take equally long, copy_Bps / (cpu_Bps + copy_Bps) (``balance_share`` with nothing else to do)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device={device}: measuring copy bandwidth needs a CUDA device")

@@ -96,7 +96,10 @@ def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     dev = cache.k.device  # the attention core runs where the cache lives
     keys, values = cache.append(start, k.to(dev), v.to(dev))  # [Hkv, start + L, hd]
-    mask = attention_mask(torch.arange(start, start + L, device=dev), keys.shape[1], window)
+    if L == 1 and (window is None or keys.shape[1] <= window):  # one query that sees every key: no mask
+        mask = None
+    else:
+        mask = attention_mask(torch.arange(start, start + L, device=dev), keys.shape[1], window)
     out = F.scaled_dot_product_attention(q.to(dev), keys, values, attn_mask=mask, scale=hd**-0.5,
                                          enable_gqa=q.shape[0] != keys.shape[0])  # [Hq, L, hd]
     out = out.transpose(0, 1).reshape(L, -1).to(x.device)
