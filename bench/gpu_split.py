@@ -148,13 +148,17 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
                          "ratio": stats[0]["split_ratio"], "ratios": [r["split_ratio"] for r in stats],
                          "gpu_share": [r["split_gpu_share"] for r in stats],
                          "host_ms": [1000 * r["split_host_s"] for r in stats],
+                         "measured": [{k: r[f"split_{k}"] for k in ("cpu_Bps", "copy_Bps", "head_wait_s")}
+                                      for r in stats],
                          "peak_rss_gb": [r["peak_rss_bytes"] / 1e9 for r in stats],
                          "gpu_blocks": sum(r["gpu_blocks"] for r in stats),
                          "host_blocks": sum(r["pinned_blocks"] + r["streamed_blocks"] for r in stats)})
             ratios = "/".join(f"{r:.3g}" for r in rows[-1]["ratios"])
             rows[-1]["split_ms_per_step"] = [{k: 1000 * r[f"split_{k}"] / max(1, r["steps"]) for k in SPLIT_COUNTERS}
                                              for r in stats]
-            host = "/".join(f"{v:.1f}" for v in rows[-1]["host_ms"])
+            host = "/".join(f"{v:.1f}" for v in rows[-1]["host_ms"]) + " (+ head wait " + "/".join(
+                f"{1000 * m['head_wait_s']:.1f}" for m in rows[-1]["measured"]) + "), rates GB/s CPU/copy " + "/".join(
+                f"{m['cpu_Bps'] / 1e9:.0f}:{m['copy_Bps'] / 1e9:.0f}" for m in rows[-1]["measured"])
             print(f"  world {world} {name:>10}: {rows[-1]['ms']:7.1f} ms/token "
                   f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}, dispatch counted {host} ms, "
                   f"{rows[-1]['gpu_blocks']} GPU / {rows[-1]['host_blocks']} host blocks; rank 0 ms/step: "

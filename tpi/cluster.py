@@ -8,6 +8,7 @@ the model math or the wire protocol between ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -159,6 +160,9 @@ class LocalCluster:
         self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
                                       self.cache_dir, self.progress)
         self.ranks = RankProcesses()
+        if self.world_size > 1:  # ranks that measure the CPU/GPU split's rates do it together: they share this host
+            self.memory = [dataclasses.replace(m, measure_peers=(self.ranks.err_dir, self.world_size))
+                           for m in self.memory]
         self._spawn_master("tcp://127.0.0.1:0")
         for rank in range(1, self.world_size):  # they start while the master loads: they wait for its port
             self.ranks.spawn_worker(self._worker_options(rank, ""), self._ports, self._published)

@@ -8,9 +8,11 @@ Communicator), tokenizers, sampling, HTTP.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +42,7 @@ from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
+MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
 SPLIT_SLOTS = 3  # the copy ring holds 3 of the largest projection's GPU rows: the one in use and the next copies
 @dataclass(frozen=True)
 class MemoryOptions:
@@ -58,6 +61,9 @@ class MemoryOptions:
     # split path with both parts on the CPU (how CI tests it).
     split_ratio: float | None = None
     gpu_prefetch: bool = True  # copy the next host block's GPU share while this one computes
+    # (folder, ranks): ranks sharing this machine (LocalCluster's) meet there to measure the split's
+    # rates at the same time, each seeing the others' load; None: measure alone
+    measure_peers: tuple[str, int] | None = None
     verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
 
 
@@ -112,8 +118,9 @@ class RankModel:
                  for layer, kind in rank_blocks(self.cfg, manifest.plan, rank) if kind != "head"]
         if memory.split_mode not in SPLIT_MODES:
             raise ConfigError(f"split_mode={memory.split_mode!r}: expected 'blocks' or 'rows'")
-        ratio = self._split_ratio(memory, specs, threads)
         blocks_mode = memory.split_mode == "blocks"
+        measure = blocks_mode and memory.split_ratio is None and self.device.type == "cuda"  # once placed
+        ratio = 1.0 if measure else self._split_ratio(memory, specs, threads)
         # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
         reserve = SPLIT_SLOTS * slot + small
@@ -132,8 +139,8 @@ class RankModel:
                 specs.append(spec)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
-        if blocks_mode and self.calibration is not None:  # measured: now that it is known what is where
-            ratio = self._balanced_fraction(specs)
+        if measure:  # now that it is known what is where
+            ratio = self._measured_fraction(memory, all_specs, specs, threads, SPLIT_SLOTS * slot)
         # block split: block key -> the CPU's columns (FFN) or rows (head chunk) of a block both compute
         self.columns: dict[tuple, int] = {}
         self.shares: dict[tuple, float] = {}  # block split: block key -> the accelerator's share of its bytes
@@ -194,7 +201,8 @@ class RankModel:
             "split_ratio": self.split.ratio if self.split else 0.0, "split_mode": self.split_mode if self.split else "",
             "split_gpu_share": self._gpu_share(),
             # block split measured at start: the dispatch per token counted on the CPU's side
-            "split_host_s": (self.calibration or {}).get("host_s", 0.0),
+            **{f"split_{k}": float((self.calibration or {}).get(k, 0.0))
+               for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps")},
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
             **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
@@ -228,20 +236,14 @@ class RankModel:
         return sum(b.nbytes * share(b.key, 0.0) for b in blocks) / total if total else 0.0
 
     def _split_ratio(self, memory: MemoryOptions, specs: list, threads: int) -> float | None:
-        """The configured ratio; with a GPU and none configured, measured on this rank's shapes:
-        block split, the share of bytes at which the CPU's matmuls and the copy engine, running at
-        once, take equally long (hetero.measure_bandwidths, on its largest projection's shape; once
-        the blocks are placed, ``_balanced_fraction`` adds the rank's dispatch to the CPU's side);
-        row split, the fastest ratio when the split path is timed (one attention and one FFN
-        block). None: no split."""
+        """The configured ratio; for a row split with a GPU and none configured, the fastest ratio
+        when the split path is timed on this rank's shapes (one attention and one FFN block). (A
+        block split's is measured once its blocks are placed: ``_measured_fraction``.) None: no
+        split."""
         ratio = memory.split_ratio
         self.calibration: dict | None = None
-        if ratio is None and self.device.type == "cuda" and memory.split_mode == "blocks":
-            shapes = [tuple(t.shape) for s in specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
-            if shapes:
-                self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads)
-                ratio = self.calibration["fraction"]
-        elif ratio is None and self.device.type == "cuda":
+        if ratio is None and self.device.type == "cuda":
+            self._meet_peers(memory)
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
             blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
                       for s in firsts]
@@ -253,20 +255,53 @@ class RankModel:
             raise ConfigError(f"split_ratio={ratio}: expected a number in [0, 1]")
         return ratio
 
-    def _balanced_fraction(self, specs: list) -> float:
-        """The block split's share of the host bytes (`specs`) for the GPU, from the rates measured
-        at start and this rank's own work per token on the thread that runs the blocks, which the
-        CPU's part has to share (hetero.balance_share): the dispatch of its GPU-resident blocks and
-        of its host blocks, timed on tiny blocks of the model (dispatch_seconds)."""
+    def _measured_fraction(self, memory: MemoryOptions, all_specs: list, specs: list, threads: int,
+                           ring: int) -> float:
+        """The block split's share of the host bytes (`specs`) for the GPU, measured here: the
+        CPU's and the copy engine's rates running at once (hetero.measure_bandwidths, on the
+        largest projection's shape, with the ranks that share this machine measuring at the same
+        time), and this rank's own work per token on the thread that runs the blocks, which the
+        CPU's part has to share: the dispatch of its GPU-resident blocks and of its host blocks,
+        timed on tiny blocks of the model (dispatch_seconds); hetero.balance_share balances the two.
+        A rank other than 0 also waits each token while rank 0 computes the LM head (estimated at
+        this rank's rates, both sides at once), with its thread idle but its copy engine filling
+        the copy ring (`ring` bytes) with the next blocks: that much copying is free."""
+        shapes = [tuple(t.shape) for s in all_specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
+        if not shapes:  # no share of any layer here: nothing to split
+            self.calibration = None
+            return 1.0
+        cal = self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads,
+                                                    ready=lambda: self._meet_peers(memory))
         d = dispatch_seconds(self.cfg, self.device, self.dtype)
         path = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
         host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks)
                   + sum(d[path[s.key[1]]] for s in specs))
+        head_wait_s = 0.0
+        if self.rank != 0:
+            head = self.cfg.vocab_size * self.cfg.hidden_size * self.dtype.itemsize
+            head_wait_s = min(head / (cal["cpu_Bps"] + cal["copy_Bps"]), ring / cal["copy_Bps"])
         attn = sum(s.nbytes for s in specs if s.key[1] == "attn")
-        cal = self.calibration
-        fraction = balance_share(attn, sum(s.nbytes for s in specs) - attn, cal["cpu_Bps"], cal["copy_Bps"], host_s)
-        cal.update(dispatch_s=d, host_s=host_s, bandwidth_fraction=cal["fraction"], fraction=fraction)
+        fraction = balance_share(attn, sum(s.nbytes for s in specs) - attn, cal["cpu_Bps"], cal["copy_Bps"],
+                                 host_s + head_wait_s)
+        cal.update(dispatch_s=d, host_s=host_s, head_wait_s=head_wait_s, bandwidth_fraction=cal["fraction"],
+                   fraction=fraction)
         return fraction
+
+    def _meet_peers(self, memory: MemoryOptions) -> None:
+        """Wait until every rank that shares this machine (memory.measure_peers: a folder and
+        their number) is about to measure too, so that each measures the machine as it is shared
+        while they serve; after MEET_TIMEOUT seconds measure alone (a peer that failed to start)."""
+        if memory.measure_peers is None:
+            return
+        folder, n = memory.measure_peers
+        open(os.path.join(folder, f"measure.rank{self.rank}"), "w").close()
+        deadline = time.monotonic() + MEET_TIMEOUT
+        while len(glob.glob(os.path.join(folder, "measure.rank*"))) < n:
+            if time.monotonic() > deadline:
+                print(f"rank {self.rank}: measuring alone: the other ranks of this machine were not ready within "
+                      f"{MEET_TIMEOUT:.0f}s", file=sys.stderr, flush=True)
+                return
+            time.sleep(0.005)
 
     @staticmethod
     def _split_extent(spec) -> int:

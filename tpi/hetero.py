@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
@@ -544,11 +544,13 @@ def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dic
 
 
 def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], threads: int | None = None,
-                       nbytes: int | None = None, repeats: int = 5) -> dict:
+                       nbytes: int | None = None, repeats: int = 5, ready: Callable[[], None] | None = None) -> dict:
     """Bytes per second of the two halves of the block split running at once, as they do: one-row
     CPU matmuls over host weights of `shape` ([out, in], past the CPU's caches) in this thread, and
     pinned host-to-device copies queued on a side stream (the copy engine needs no thread); each
     measured while the other runs, since both draw on the host's memory. Medians over `repeats`.
+    `ready`, if given, is called once the buffers exist, just before the timing (where ranks that
+    share the machine meet, so that they measure at once).
     Returns {"cpu_Bps", "copy_Bps", "fraction"}: the accelerator's share of the bytes at which both
     take equally long, copy_Bps / (cpu_Bps + copy_Bps) (``balance_share`` with nothing else to do)."""
     device = torch.device(device)
@@ -564,6 +566,8 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, shape: tuple[in
         dst = torch.empty(one, dtype=torch.uint8, device=device)
         x, stream = torch.ones(1, shape[1], dtype=dtype), torch.cuda.Stream(device)
         cpu, copy = [], []
+        if ready is not None:
+            ready()
         for _ in range(repeats + 1):  # the first: warm-up
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(stream):

@@ -25,6 +25,7 @@ import torch
 PROTOCOL_VERSION = 2  # 2: PARTIAL and REDUCED carry the binary header
 MAX_HEADER_BYTES = 4096
 MAX_TEXT = 2048
+MAX_INFO = 64  # entries of an info map (a STATS_REPLY has about 40)
 
 
 class Kind(IntEnum):
@@ -250,8 +251,8 @@ def _int(header: dict, name: str, expect: Expect) -> int:
 
 
 def _info(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or len(value) > 32:
-        raise WireError("field info: expected a small map")
+    if not isinstance(value, dict) or len(value) > MAX_INFO:
+        raise WireError(f"field info: expected a map of at most {MAX_INFO} entries")
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
             raise WireError(f"field info[{k!r}]: expected a string or number")
