@@ -46,8 +46,9 @@ def _worker_entry(opts: WorkerOptions, ports, published, error_path: str) -> Non
 
 
 class RankProcesses:
-    """Spawned rank processes (not forked: torch may already run threads) and the files where each
-    reports a fatal error; `stop` ends them all, politely first."""
+    """Spawned rank processes (not forked: torch may already run threads) and a folder with the
+    files where each reports a fatal error (LocalCluster's ranks also meet there before measuring
+    the CPU/GPU split, forward.MemoryOptions.measure_peers); `stop` ends them all, politely first."""
 
     def __init__(self) -> None:
         self.ctx = mp.get_context("spawn")

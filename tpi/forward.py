@@ -43,6 +43,8 @@ from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_ra
 
 PREFILL_CHUNK = 512
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
+# dispatch_seconds' key for the path each kind of host block takes in the block split
+HOST_PATHS = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
 SPLIT_SLOTS = 3  # the copy ring holds 3 of the largest projection's GPU rows: the one in use and the next copies
 @dataclass(frozen=True)
 class MemoryOptions:
@@ -120,6 +122,7 @@ class RankModel:
             raise ConfigError(f"split_mode={memory.split_mode!r}: expected 'blocks' or 'rows'")
         blocks_mode = memory.split_mode == "blocks"
         measure = blocks_mode and memory.split_ratio is None and self.device.type == "cuda"  # once placed
+        self.calibration: dict | None = None  # what was measured at start for the split, if anything
         ratio = 1.0 if measure else self._split_ratio(memory, specs, threads)
         # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
@@ -200,7 +203,8 @@ class RankModel:
             "device": str(self.device), "gpu_blocks": len(self.gpu_blocks),
             "split_ratio": self.split.ratio if self.split else 0.0, "split_mode": self.split_mode if self.split else "",
             "split_gpu_share": self._gpu_share(),
-            # block split measured at start: the dispatch per token counted on the CPU's side
+            # block split measured at start: the dispatch per token and the wait for rank 0's LM
+            # head counted on the CPU's side, the CPU's and the copy engine's rates
             **{f"split_{k}": float((self.calibration or {}).get(k, 0.0))
                for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps")},
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
@@ -241,7 +245,6 @@ class RankModel:
         block split's is measured once its blocks are placed: ``_measured_fraction``.) None: no
         split."""
         ratio = memory.split_ratio
-        self.calibration: dict | None = None
         if ratio is None and self.device.type == "cuda":
             self._meet_peers(memory)
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
@@ -268,14 +271,12 @@ class RankModel:
         the copy ring (`ring` bytes) with the next blocks: that much copying is free."""
         shapes = [tuple(t.shape) for s in all_specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
         if not shapes:  # no share of any layer here: nothing to split
-            self.calibration = None
             return 1.0
         cal = self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads,
                                                     ready=lambda: self._meet_peers(memory))
         d = dispatch_seconds(self.cfg, self.device, self.dtype)
-        path = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
         host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks)
-                  + sum(d[path[s.key[1]]] for s in specs))
+                  + sum(d[HOST_PATHS[s.key[1]]] for s in specs))
         head_wait_s = 0.0
         if self.rank != 0:
             head = self.cfg.vocab_size * self.cfg.hidden_size * self.dtype.itemsize
@@ -502,7 +503,8 @@ def dispatch_seconds(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     pin = device.type == "cuda"
     host = [{k: t.pin_memory() if pin else t.clone() for k, t in b.items()} for b in (attn, ffn)]
     cpu_ffn, gpu_ffn = split_block(host[1], "ffn", inter // 2)
-    cpu_head, gpu_head = ({"lm_head.weight": t} for t in (rand(inter, d)[: inter // 2], rand(inter, d)))
+    head = rand(inter, d)
+    cpu_head, gpu_head = {"lm_head.weight": head[: inter // 2]}, {"lm_head.weight": head.pin_memory() if pin else head}
     on_dev = [{k: t.to(device) for k, t in b.items()} for b in (attn, ffn)]
     start = 8
     cache = LayerCache(*(torch.zeros(hkv, 2 * start, hd, dtype=dtype, device=device) for _ in range(2)))
@@ -511,13 +513,10 @@ def dispatch_seconds(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     run_ffn = lambda x, w: ffn_partial(x, w, cfg)  # noqa: E731
     x = rand(1, d)
     slot = max(share_bytes([(n, tuple(t.shape), t.dtype) for n, t in b.items()], 1.0)[0] for b in host)
-    if pin:
-        gpu_head["lm_head.weight"] = gpu_head["lm_head.weight"].pin_memory()
     cat = lambda c, y: torch.cat([c, y], dim=1)  # noqa: E731
     walk = [("attn", None, host[0], run_attn, None), ("ffn", cpu_ffn, gpu_ffn, run_ffn, torch.add),
             ("head", cpu_head, gpu_head, _head_rows, cat)]
-    names = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
-    times: dict[str, list[float]] = {k: [] for k in ("gpu_attn", "gpu_ffn", *names.values())}
+    times: dict[str, list[float]] = {k: [] for k in ("gpu_attn", "gpu_ffn", *HOST_PATHS.values())}
     with torch.inference_mode(), Splitter(device, 1.0, slot, SPLIT_SLOTS, 1) as sp:
         for _ in range(repeats + 2):  # two warm-up rounds
             for name, run, w in (("gpu_attn", run_attn, on_dev[0]), ("gpu_ffn", run_ffn, on_dev[1])):
@@ -528,7 +527,7 @@ def dispatch_seconds(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                 after = walk[(j + 1) % len(walk)]
                 t0 = time.perf_counter()
                 split_step(sp, key, x, cpu_w, gpu_w, run, join, lambda a=after: sp.upcoming(a[0], a[2]))
-                times[names[key]].append(time.perf_counter() - t0)
+                times[HOST_PATHS[key]].append(time.perf_counter() - t0)
     return {k: statistics.median(v[2:]) for k, v in times.items()}
 
 
