@@ -8,8 +8,10 @@ GPU budget holds a third of each rank's blocks, at world sizes 1 and 2, for
   blocks    the block split (the default): attention blocks on the GPU from a copy, FFN blocks and
             LM-head chunks computed by the CPU (from host memory) and the GPU (from a copy) at once
             on disjoint columns (hetero.plan_shares, split_block), the copy engine bringing the next
-            blocks' GPU parts over meanwhile; the GPU's share of the host bytes measured at start
-            from CPU and copy bandwidth, running at once (the prediction),
+            blocks' GPU parts over meanwhile; the GPU's share of the host bytes tuned at start by
+            timing each rank's own step over a grid of shares (RankModel._tune_share),
+  predicted the same at the share predicted at start from CPU and copy bandwidth, running at
+            once, and the rank's dispatch (split_tune off: the prediction),
   blocks@f  the same at fixed shares f (the sweep), to compare the predicted share with the best,
   rows      every projection of the other blocks split by output rows: the CPU computes its rows
             from host memory on a worker thread while the GPU's rows are copied over on a side
@@ -99,24 +101,28 @@ def write_llama(path: Path, shape: str, dtype: torch.dtype, layers: int | None =
 
 
 def settings(budget: int, dtype: str, sweep: list[float], rows_sweep: list[float], wanted: list[str]
-             ) -> list[tuple[str, dict, bool]]:
-    """(name, LocalCluster keywords, prefetch) for each configuration asked for."""
+             ) -> list[tuple[str, dict, dict]]:
+    """(name, LocalCluster keywords, MemoryOptions fields it has no keyword for) for each
+    configuration asked for."""
     gpu = dict(dtype=dtype, device="cuda", gpu_memory_budget=budget)
-    out = [("cpu", dict(dtype=dtype), True), ("ondemand", dict(gpu, split_mode="rows", split_ratio=1.0), False),
-           ("stream", dict(gpu, split_mode="rows", split_ratio=1.0), True),
-           ("blocks", dict(gpu, split_mode="blocks"), True), ("rows", dict(gpu, split_mode="rows"), True)]
-    out += [(f"blocks@{r:g}", dict(gpu, split_mode="blocks", split_ratio=r), True) for r in sweep]
-    out += [(f"rows@{r:g}", dict(gpu, split_mode="rows", split_ratio=r), True) for r in rows_sweep]
+    no_prefetch = {"gpu_prefetch": False}
+    out = [("cpu", dict(dtype=dtype), {}), ("ondemand", dict(gpu, split_mode="rows", split_ratio=1.0), no_prefetch),
+           ("stream", dict(gpu, split_mode="rows", split_ratio=1.0), {}),
+           ("blocks", dict(gpu, split_mode="blocks"), {}),
+           ("predicted", dict(gpu, split_mode="blocks"), {"split_tune": False}),
+           ("rows", dict(gpu, split_mode="rows"), {})]
+    out += [(f"blocks@{r:g}", dict(gpu, split_mode="blocks", split_ratio=r), {}) for r in sweep]
+    out += [(f"rows@{r:g}", dict(gpu, split_mode="rows", split_ratio=r), {}) for r in rows_sweep]
     return [s for s in out if s[0] in wanted or ("sweep" in wanted and "@" in s[0])]
 
 
-def start(model: Path, cache: Path, world: int, threads: int, kw: dict, prefetch: bool):
+def start(model: Path, cache: Path, world: int, threads: int, kw: dict, fields: dict):
     from tpi import LocalCluster
 
     cluster = LocalCluster(model, world_size=world, threads=threads, cache_dir=cache, max_context=512,
                            start_timeout=900, step_timeout=600, **kw)
     # LocalCluster has no keyword for it: the per-rank MemoryOptions it will start the ranks with
-    cluster.memory = [dataclasses.replace(m, gpu_prefetch=prefetch) for m in cluster.memory]
+    cluster.memory = [dataclasses.replace(m, **fields) for m in cluster.memory]
     cluster.start()
     return cluster
 
@@ -130,9 +136,9 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
     threads = max(1, args.cores // world)
     with ExitStack() as stack:
         live = []
-        for name, kw, prefetch in chosen:
+        for name, kw, fields in chosen:
             t0 = time.perf_counter()
-            cluster = stack.enter_context(start(model, cache, world, threads, kw, prefetch))
+            cluster = stack.enter_context(start(model, cache, world, threads, kw, fields))
             cluster.generate_full(ids, max_new_tokens=4)  # warm-up
             live.append((name, cluster))
             print(f"  world {world}: started {name} in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -148,6 +154,8 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
                          "ratio": stats[0]["split_ratio"], "ratios": [r["split_ratio"] for r in stats],
                          "gpu_share": [r["split_gpu_share"] for r in stats],
                          "host_ms": [1000 * r["split_host_s"] for r in stats],
+                         "predicted": [r["split_predicted"] for r in stats],
+                         "tune_s": [r["split_tune_s"] for r in stats],
                          "measured": [{k: r[f"split_{k}"] for k in ("cpu_Bps", "copy_Bps", "head_wait_s")}
                                       for r in stats],
                          "peak_rss_gb": [r["peak_rss_bytes"] / 1e9 for r in stats],
@@ -159,8 +167,11 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
             host = "/".join(f"{v:.1f}" for v in rows[-1]["host_ms"]) + " (+ head wait " + "/".join(
                 f"{1000 * m['head_wait_s']:.1f}" for m in rows[-1]["measured"]) + "), rates GB/s CPU/copy " + "/".join(
                 f"{m['cpu_Bps'] / 1e9:.0f}:{m['copy_Bps'] / 1e9:.0f}" for m in rows[-1]["measured"])
+            tuned = "" if not any(rows[-1]["tune_s"]) else " (tuned in " + "/".join(
+                f"{v:.1f}" for v in rows[-1]["tune_s"]) + " s; predicted " + "/".join(
+                f"{v:.3g}" for v in rows[-1]["predicted"]) + ")"
             print(f"  world {world} {name:>10}: {rows[-1]['ms']:7.1f} ms/token "
-                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}, dispatch counted {host} ms, "
+                  f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}{tuned}, dispatch counted {host} ms, "
                   f"{rows[-1]['gpu_blocks']} GPU / {rows[-1]['host_blocks']} host blocks; rank 0 ms/step: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1]["split_ms_per_step"][0].items()) + ")", flush=True)
     return rows
@@ -355,7 +366,7 @@ def profile_inproc(model: Path, cache: Path, args, budget: int) -> None:
         ratio = 1.0 if family in ("ondemand", "stream") else float(name.split("@")[1]) if "@" in name else None
         mem = MemoryOptions() if name == "cpu" else MemoryOptions(
             device="cuda", gpu_memory_budget=budget, split_ratio=ratio, gpu_prefetch=name != "ondemand",
-            split_mode="blocks" if family == "blocks" else "rows")
+            split_mode="blocks" if family in ("blocks", "predicted") else "rows", split_tune=name != "predicted")
         m = RankModel(shard, manifest, 0, 512, memory=mem, threads=args.cores)
         try:
             with torch.inference_mode():
@@ -483,6 +494,10 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
                 lines.append(f"world {world}, {family}: ratio found at start {predicted['ratio']:.2f} "
                              f"({predicted['ms']:.1f} ms/token); fastest measured {fastest['ratio']:.2f} "
                              f"({fastest['ms']:.1f} ms/token)")
+            bare = next((r for r in rows if r["world"] == world and r["setting"] == "predicted"), None)
+            if family == "blocks" and bare:
+                lines.append(f"world {world}, blocks: share predicted from the rates "
+                             + "/".join(f"{v:.2f}" for v in bare["predicted"]) + f" ({bare['ms']:.1f} ms/token)")
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -509,6 +524,8 @@ def plot(rows: list[dict]) -> None:
                 if r["setting"] == family:
                     ax.plot([r["ratio"]], [r["ms"]], "*", color=color, markersize=14,
                             label=f"{family}: ratio found at start")
+                if family == "blocks" and r["setting"] == "predicted":
+                    ax.plot([r["ratio"]], [r["ms"]], "D", color="C3", markersize=8, label="blocks: predicted share")
         for r in mine:
             if r["setting"] in ("cpu", "ondemand", "stream"):
                 ax.axhline(r["ms"], linestyle="--", color={"cpu": "gray", "ondemand": "k", "stream": "g"}[r["setting"]],

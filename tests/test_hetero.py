@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import json
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster, forward
+from tpi.comm.base import SingleRank
 from tpi.config import ModelConfig
-from tpi.forward import SPLIT_SLOTS, MemoryOptions, RankModel, dispatch_seconds, split_gpu_bytes
-from tpi.hetero import Splitter, balance_share, calibrate, measure_bandwidths, plan_shares, share_bytes, split_block
-from tpi.weights import Manifest, block_spec, rank_blocks
+from tpi.forward import SPLIT_SLOTS, RankModel, dispatch_seconds, split_gpu_bytes
+from tpi.hetero import (
+    Splitter,
+    balance_share,
+    calibrate,
+    measure_bandwidths,
+    plan_shares,
+    search_share,
+    share_bytes,
+    split_block,
+)
+from tpi.peers import Peers
+from tpi.weights import Manifest, block_spec, rank_blocks, split_cached
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -308,31 +318,103 @@ def test_block_split_measures_its_fraction(tiny_models, split_cache, world_size)
             # measured at start; a tiny model's dispatch outweighs its bytes, so the share may be 1
             assert stats["split_mode"] == "blocks" and 0 < stats["split_ratio"] <= 1
             assert 0 < stats["split_host_s"] < 1  # the rank's dispatch, counted on the CPU's side
+            assert stats["split_tune_s"] > 0 and 0 < stats["split_predicted"] <= 1  # predicted, then tuned
             assert stats["pinned_blocks"] + stats["streamed_blocks"] > 0
         assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
 
 
-def test_ranks_of_one_machine_meet_before_measuring(tmp_path, monkeypatch, capsys):
-    """Ranks given the same folder wait for each other before measuring the split's rates (so
-    that each measures with the others' load on the machine); one whose peers never come measures
-    alone after MEET_TIMEOUT, saying so."""
-    together = MemoryOptions(measure_peers=(str(tmp_path), 2))
-    done = threading.Event()
+def test_ranks_of_one_machine_meet_and_share(tmp_path, capsys):
+    """Ranks given the same folder wait for each other (so that each measures with the others'
+    load on the machine) and see each other's measurements; a list that is not one is left out;
+    one whose peers never come goes on alone after the timeout, saying so."""
+    peers = [Peers(tmp_path, r, 2, timeout=30) for r in range(2)]
+    done, got = threading.Event(), {}
 
     def rank1() -> None:
-        RankModel._meet_peers(SimpleNamespace(rank=1), together)
+        got["met"] = peers[1].meet()
         done.set()
+        got["shared"] = peers[1].share([2.0, 3.0])
 
     t = threading.Thread(target=rank1)
     t.start()
     assert not done.wait(0.3)  # rank 1 waits for rank 0
-    RankModel._meet_peers(SimpleNamespace(rank=0), together)  # the last to arrive does not wait
+    assert peers[0].meet()  # the last to arrive does not wait
     assert done.wait(10)
+    assert peers[0].share([1.0, 5.0]) == [[1.0, 5.0], [2.0, 3.0]]
     t.join(10)
-    monkeypatch.setattr(forward, "MEET_TIMEOUT", 0.1)
+    assert got == {"met": True, "shared": [[2.0, 3.0], [1.0, 5.0]]}
+    (tmp_path / "share3.rank1.json").write_text('["x", 1]')  # a peer's malformed list
+    (tmp_path / "meet3.rank1").touch()
+    assert peers[0].share([4.0, 4.0]) == [[4.0, 4.0]]
     (tmp_path / "alone").mkdir()
-    RankModel._meet_peers(SimpleNamespace(rank=3), MemoryOptions(measure_peers=(str(tmp_path / "alone"), 2)))
-    assert "rank 3: measuring alone" in capsys.readouterr().err
+    lonely = Peers(tmp_path / "alone", 1, 4, timeout=0.1)
+    assert not lonely.meet() and lonely.alone and lonely.share([1.0]) == [[1.0]]
+    assert "rank 1: measuring alone" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="rank 4 of 4 peers"):
+        Peers(tmp_path, 4, 4, timeout=1)
+
+
+def test_search_share_times_a_grid_then_the_best_neighbours():
+    calls = []
+
+    def time_at(shares: list[float]) -> list[float]:
+        calls.append(shares)
+        return [(s - 0.63) ** 2 for s in shares]
+
+    best, timed = search_share(time_at)
+    assert best == 0.625 and [len(c) for c in calls] == [11, 2, 2] and len(timed) == 15
+    assert calls[1] == [0.55, 0.65] and calls[2] == [0.625, 0.675]
+    assert search_share(lambda shares: [-s for s in shares])[0] == 1.0  # an edge: its outer neighbour clamps away
+    with pytest.raises(ValueError, match="time_at gave 1 times for 11 shares"):
+        search_share(lambda shares: [0.0])
+
+
+def _rank_logits(model: RankModel, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        h = forward.run_layers(model, SingleRank(), model.embed(ids), 0, 0, 0)
+        out = model.logits(h)
+    model.cache.free(0)
+    return out
+
+
+def _tunable(shard, manifest: Manifest, rank: int) -> RankModel:
+    """A rank as a GPU rank is before its share is tuned (its blocks whole, a split planned), on the CPU."""
+    model = RankModel(shard, manifest, rank)
+    slot = max(t.nbytes for b in model.sched.blocks for t in b.tensors) + 256  # LM-head chunks are whole blocks here
+    model._plan_split(model.sched.blocks, 0.5, slot, 1)
+    return model
+
+
+@pytest.mark.timeout(300)
+def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_cache, tmp_path):
+    """The block split's share tuned at start (both parts on the CPU here): the shares timed are
+    views of the blocks as they are, so the logits afterwards still match the unsplit path; ranks
+    of one machine tune together and choose the same share."""
+    path, _ = tiny_models("llama")
+    shard = split_cached(path, 1, cache_dir=split_cache, progress=False)
+    manifest = Manifest.load(shard)
+    ref = _rank_logits(RankModel(shard, manifest, 0), PROMPT)
+    model = _tunable(shard, manifest, 0)
+    model._tune_share(model.sched.blocks, model.split.slot_bytes, 1)
+    cal = model.calibration
+    assert 13 <= len(cal["tuned_ms"]) <= 15 and model.split.ratio == cal["fraction"] and cal["tune_s"] > 0
+    assert model.sched.counters.loads == 0  # the timed steps are not counted as the rank's work
+    assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
+    model.close()
+    shard = split_cached(path, 2, cache_dir=split_cache, progress=False)
+    manifest = Manifest.load(shard)
+    ranks = [_tunable(shard, manifest, r) for r in range(2)]
+    for r, m in enumerate(ranks):
+        m.peers = Peers(tmp_path, r, 2, timeout=60)
+    threads = [threading.Thread(target=m._tune_share, args=(m.sched.blocks, m.split.slot_bytes, 1)) for m in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert ranks[0].calibration["share"] == ranks[1].calibration["share"]
+    assert not any(m.peers.alone for m in ranks)
+    for m in ranks:
+        m.close()
 
 
 @pytest.mark.parametrize("device", DEVICES)

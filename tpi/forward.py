@@ -8,11 +8,9 @@ Communicator), tokenizers, sampling, HTTP.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +19,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from tpi.comm.base import Communicator
+from tpi.comm.base import Communicator, SingleRank
 from tpi.comm.wire import Phase, Tag
 from tpi.config import SPLIT_MODES, ConfigError, ModelConfig, parse_bytes
 from tpi.hetero import (
@@ -32,17 +30,21 @@ from tpi.hetero import (
     is_projection,
     measure_bandwidths,
     plan_shares,
+    search_share,
     share_bytes,
     split_block,
 )
 from tpi.kv_cache import KVCache, LayerCache
 from tpi.layers import Weights, _linear, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
+from tpi.peers import Peers
 from tpi.safetensors_io import pread_into, read_rows
 from tpi.scheduler import WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
+TUNE_ROUNDS = 3  # timed steps per share when the block split's share is tuned at start
+TUNE_SEQ = -1  # the sequence id of those steps (its KV slot is freed after each)
 # dispatch_seconds' key for the path each kind of host block takes in the block split
 HOST_PATHS = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
 SPLIT_SLOTS = 3  # the copy ring holds 3 of the largest projection's GPU rows: the one in use and the next copies
@@ -66,6 +68,10 @@ class MemoryOptions:
     # (folder, ranks): ranks sharing this machine (LocalCluster's) meet there to measure the split's
     # rates at the same time, each seeing the others' load; None: measure alone
     measure_peers: tuple[str, int] | None = None
+    # block split on a GPU, no ratio configured: time this rank's own step at shares around the
+    # machine (a second or two at start) and keep the fastest; False: the share predicted from the
+    # measured rates as it is
+    split_tune: bool = True
     verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
 
 
@@ -123,6 +129,10 @@ class RankModel:
         blocks_mode = memory.split_mode == "blocks"
         measure = blocks_mode and memory.split_ratio is None and self.device.type == "cuda"  # once placed
         self.calibration: dict | None = None  # what was measured at start for the split, if anything
+        self.peers: Peers | None = None  # the ranks of this machine, meeting to measure the split
+        if memory.measure_peers is not None:
+            folder, n = memory.measure_peers
+            self.peers = Peers(folder, rank, n, MEET_TIMEOUT)
         ratio = 1.0 if measure else self._split_ratio(memory, specs, threads)
         # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
@@ -144,25 +154,9 @@ class RankModel:
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
         if measure:  # now that it is known what is where
             ratio = self._measured_fraction(memory, all_specs, specs, threads, SPLIT_SLOTS * slot)
-        # block split: block key -> the CPU's columns (FFN) or rows (head chunk) of a block both compute
-        self.columns: dict[tuple, int] = {}
-        self.shares: dict[tuple, float] = {}  # block split: block key -> the accelerator's share of its bytes
-        plan: dict[tuple, float] = {}  # the Splitter's: 0 for a block the CPU computes whole, 1 for the others
-        if ratio is not None and blocks_mode:  # attention stays where its KV cache is
-            for s, share in zip(specs, plan_shares([s.nbytes for s in specs], ratio,
-                                                   [s.key[1] != "attn" for s in specs]), strict=True):
-                n = self._split_extent(s)
-                if n:
-                    cpu = n - round(n * share)
-                    share = (n - cpu) / n
-                    if 0 < cpu < n:
-                        self.columns[s.key] = cpu
-                else:  # not divided: whole, on the side nearer its share (attention: the accelerator)
-                    share = float(round(share))
-                self.shares[s.key] = share
-                plan[s.key] = 0.0 if share == 0 else 1.0
-        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
         self.split_mode = memory.split_mode
+        self.split: Splitter | None = None
+        self._plan_split(specs, ratio, slot, threads)
         host_kv = self.cache.nbytes + (self.split.nbytes if self.split else 0) if self.device.type == "cpu" else 0
         fixed = runtime + host_kv + self._activation_bytes(shard)
         budget = parse_bytes(memory.memory_budget)
@@ -173,10 +167,13 @@ class RankModel:
         self.sched = WeightScheduler(specs, self.residency, memory.drop_page_cache, threads,
                                      pin_memory=self.device.type == "cuda").start()
         self.embed_table = self._resident_embedding(budget) if rank == 0 else None
-        self._halves = {j: self._split_block(specs[j].key, self.sched.pinned(j)) for j in self.residency.pinned
-                        if specs[j].key in self.columns}  # built once: they stay in host memory
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         self._rope: tuple = (None, None)  # ((start, length, device), (cos, sin)): once per step, not per layer
+        self._halves: dict[int, tuple[Weights, Weights]] = {}
+        if measure and memory.split_tune:
+            self._tune_share(specs, slot, threads)
+        else:
+            self._halves = self._pinned_halves(exact=True)  # built once: they stay in host memory
         self.busy_s = 0.0  # time inside steps: compute + waiting for weights + allreduce
         self.steps = 0
         self.fetched_bytes = 0  # shard bytes this worker downloaded from the master at start
@@ -204,9 +201,10 @@ class RankModel:
             "split_ratio": self.split.ratio if self.split else 0.0, "split_mode": self.split_mode if self.split else "",
             "split_gpu_share": self._gpu_share(),
             # block split measured at start: the dispatch per token and the wait for rank 0's LM
-            # head counted on the CPU's side, the CPU's and the copy engine's rates
+            # head counted on the CPU's side, the CPU's and the copy engine's rates, the share they
+            # predict, the seconds spent tuning it (0: not tuned)
             **{f"split_{k}": float((self.calibration or {}).get(k, 0.0))
-               for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps")},
+               for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps", "predicted", "tune_s")},
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
             **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
@@ -246,7 +244,8 @@ class RankModel:
         split."""
         ratio = memory.split_ratio
         if ratio is None and self.device.type == "cuda":
-            self._meet_peers(memory)
+            if self.peers is not None:
+                self.peers.meet()
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
             blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
                       for s in firsts]
@@ -271,9 +270,11 @@ class RankModel:
         the copy ring (`ring` bytes) with the next blocks: that much copying is free."""
         shapes = [tuple(t.shape) for s in all_specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
         if not shapes:  # no share of any layer here: nothing to split
+            if self.peers is not None:
+                self.peers.meet()  # the others' measurement meets this rank's: keep count with them
             return 1.0
         cal = self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads,
-                                                    ready=lambda: self._meet_peers(memory))
+                                                    ready=self.peers and self.peers.meet)
         d = dispatch_seconds(self.cfg, self.device, self.dtype)
         host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks)
                   + sum(d[HOST_PATHS[s.key[1]]] for s in specs))
@@ -285,24 +286,97 @@ class RankModel:
         fraction = balance_share(attn, sum(s.nbytes for s in specs) - attn, cal["cpu_Bps"], cal["copy_Bps"],
                                  host_s + head_wait_s)
         cal.update(dispatch_s=d, host_s=host_s, head_wait_s=head_wait_s, bandwidth_fraction=cal["fraction"],
-                   fraction=fraction)
+                   fraction=fraction, predicted=fraction)
         return fraction
 
-    def _meet_peers(self, memory: MemoryOptions) -> None:
-        """Wait until every rank that shares this machine (memory.measure_peers: a folder and
-        their number) is about to measure too, so that each measures the machine as it is shared
-        while they serve; after MEET_TIMEOUT seconds measure alone (a peer that failed to start)."""
-        if memory.measure_peers is None:
-            return
-        folder, n = memory.measure_peers
-        open(os.path.join(folder, f"measure.rank{self.rank}"), "w").close()
-        deadline = time.monotonic() + MEET_TIMEOUT
-        while len(glob.glob(os.path.join(folder, "measure.rank*"))) < n:
-            if time.monotonic() > deadline:
-                print(f"rank {self.rank}: measuring alone: the other ranks of this machine were not ready within "
-                      f"{MEET_TIMEOUT:.0f}s", file=sys.stderr, flush=True)
-                return
-            time.sleep(0.005)
+    def _plan_split(self, specs: list, ratio: float | None, slot: int, threads: int) -> None:
+        """The split of the host blocks (`specs`) at `ratio` (None: no split): for a block split,
+        each block's share and the CPU's columns of those both compute; and a new Splitter."""
+        if self.split is not None:
+            self.split.close()
+        # block split: block key -> the CPU's columns (FFN) or rows (head chunk) of a block both compute
+        self.columns: dict[tuple, int] = {}
+        self.shares: dict[tuple, float] = {}  # block split: block key -> the accelerator's share of its bytes
+        plan: dict[tuple, float] = {}  # the Splitter's: 0 for a block the CPU computes whole, 1 for the others
+        if ratio is not None and self.split_mode == "blocks":  # attention stays where its KV cache is
+            for s, share in zip(specs, plan_shares([s.nbytes for s in specs], ratio,
+                                                   [s.key[1] != "attn" for s in specs]), strict=True):
+                n = self._split_extent(s)
+                if n:
+                    cpu = n - round(n * share)
+                    share = (n - cpu) / n
+                    if 0 < cpu < n:
+                        self.columns[s.key] = cpu
+                else:  # not divided: whole, on the side nearer its share (attention: the accelerator)
+                    share = float(round(share))
+                self.shares[s.key] = share
+                plan[s.key] = 0.0 if share == 0 else 1.0
+        self.split = None if ratio is None else Splitter(self.device, ratio, slot, SPLIT_SLOTS, threads, plan)
+
+    def _pinned_halves(self, exact: bool) -> dict[int, tuple[Weights, Weights]]:
+        """The (CPU part, accelerator part) of every pinned block with planned columns; `exact`
+        False: parts for timing only, the blocks left as they are (hetero.split_block)."""
+        blocks = self.sched.blocks
+        return {j: self._split_block(blocks[j].key, self.sched.pinned(j), exact) for j in self.residency.pinned
+                if blocks[j].key in self.columns}
+
+    def _tune_share(self, specs: list, slot: int, threads: int) -> None:
+        """The block split's share, found by timing this rank's own step (every layer, and on
+        rank 0 the LM head, with no allreduce) at shares of the FFN and LM-head bytes over a grid
+        (hetero.search_share), each timed after one untimed step at the same share (the copy ring
+        then starts full, as it does from one token to the next), over TUNE_ROUNDS rounds in
+        rotating order; the ranks of this machine time the same share at once, start each timed
+        step together (a rank other than 0 waits while rank 0 computes the LM head, as it does
+        when serving) and keep the share at which the slowest of them is fastest. The parts timed
+        are views of the blocks as they are, so nothing is rearranged until the share is chosen.
+        The share predicted from the rates (``_measured_fraction``) stays in self.calibration.
+        Afterwards the split is planned at the share chosen and its pinned blocks' parts are made."""
+        t0 = time.perf_counter()
+        attn = sum(s.nbytes for s in specs if s.key[1] == "attn")
+        total = sum(s.nbytes for s in specs)
+        fraction = lambda share: (attn + share * (total - attn)) / total if total else 1.0  # noqa: E731
+        x = torch.randn(1, self.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(self.dtype)
+
+        def step_at(share: float) -> float:
+            self._plan_split(specs, fraction(share), slot, threads)
+            self._halves = self._pinned_halves(exact=False)
+            self._tuning_step(x)
+            if self.peers is not None:
+                self.peers.meet("tuning the split")
+            return self._tuning_step(x)
+
+        def time_at(shares: list[float]) -> list[float]:
+            times: dict[float, list[float]] = {s: [] for s in shares}
+            for r in range(TUNE_ROUNDS):
+                for share in shares[r % len(shares):] + shares[:r % len(shares)]:
+                    times[share].append(step_at(share))
+            mine = [statistics.median(times[s]) for s in shares]
+            every = [mine] if self.peers is None else self.peers.share(mine)
+            return [max(ranks) for ranks in zip(*every, strict=True)]
+
+        self._halves = self._pinned_halves(exact=False)
+        self._tuning_step(x)  # warm-up: pinned blocks in place, kernels chosen
+        best, seconds = search_share(time_at)
+        self._plan_split(specs, fraction(best), slot, threads)
+        self._halves = self._pinned_halves(exact=True)
+        self.sched.counters = type(self.sched.counters)()  # start-up walks are not the rank's work
+        self._rope = (None, None)
+        cal = self.calibration = self.calibration or {}
+        cal.update(fraction=fraction(best), share=best,
+                   tune_s=time.perf_counter() - t0,
+                   tuned_ms={round(fraction(s), 4): 1000 * t for s, t in seconds.items()})
+
+    @torch.inference_mode()
+    def _tuning_step(self, x: torch.Tensor) -> float:
+        """Seconds for one step of this rank's blocks (and LM head) on x [1, D] at position 0,
+        each allreduce left out; its KV slot is freed after."""
+        t0 = time.perf_counter()
+        h = run_layers(self, SingleRank(), x, TUNE_SEQ, 0, 0)
+        if self.rank == 0:
+            self.logits(h)
+        seconds = time.perf_counter() - t0
+        self.cache.free(TUNE_SEQ)
+        return seconds
 
     @staticmethod
     def _split_extent(spec) -> int:
@@ -314,11 +388,13 @@ class RankModel:
             return names["weight"].shape[0]
         return 0
 
-    def _split_block(self, key: tuple, w: Weights) -> tuple[Weights, Weights]:
+    def _split_block(self, key: tuple, w: Weights, exact: bool = True) -> tuple[Weights, Weights]:
         """Block `key`'s (CPU part, accelerator part) at its planned columns, named as the Splitter
-        names them. `w` is consumed (hetero.split_block rearranges it)."""
-        cpu, dev = split_block(w, "head" if key[1] == "head" else "ffn", self.columns[key])
-        w.pop("down_proj.weight", None)  # scrambled: nothing may read it whole
+        names them. `w` is consumed (hetero.split_block rearranges it), unless `exact` is False:
+        then the parts are for timing only and `w` stays as it is."""
+        cpu, dev = split_block(w, "head" if key[1] == "head" else "ffn", self.columns[key], exact)
+        if exact:
+            w.pop("down_proj.weight", None)  # scrambled: nothing may read it whole
         return self._split_tensors(key, cpu), self._split_tensors(key, dev)
 
     def _parts(self, i: int, key: tuple, w: Weights) -> tuple[Weights | None, Weights]:

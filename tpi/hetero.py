@@ -503,14 +503,40 @@ def balance_share(gpu_only: int, shared: int, cpu_Bps: float, copy_Bps: float, h
     return (gpu_only + s * shared) / (gpu_only + shared)
 
 
-def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dict, dict]:
+def search_share(time_at: Callable[[list[float]], list[float]], grid: int = 10,
+                 refine: Sequence[float] = (0.05, 0.025)) -> tuple[float, dict[float, float]]:
+    """The share in [0, 1] at which `time_at` (seconds for each of a list of shares, timed
+    together) is least: shares 0, 1/grid, ..., 1, then the best's neighbours at each step of
+    `refine`. Returns (the best share, {share: seconds} for every share timed)."""
+    if grid < 1:
+        raise ValueError(f"grid={grid}: expected at least 1 step")
+    timed: dict[float, float] = {}
+
+    def at(shares: list[float]) -> None:
+        shares = [s for s in dict.fromkeys(round(min(1.0, max(0.0, s)), 4) for s in shares) if s not in timed]
+        if shares:
+            seconds = time_at(shares)
+            if len(seconds) != len(shares):
+                raise ValueError(f"time_at gave {len(seconds)} times for {len(shares)} shares")
+            timed.update(zip(shares, seconds, strict=True))
+
+    at([i / grid for i in range(grid + 1)])
+    for step in refine:
+        best = min(timed, key=timed.get)
+        at([best - step, best + step])
+    return min(timed, key=timed.get), dict(sorted(timed.items()))
+
+
+def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int, rearrange: bool = True) -> tuple[dict, dict]:
     """Block `w` as two blocks whose results add up (FFN) or sit side by side (an LM-head chunk):
     (the CPU's: intermediate columns [0, cpu) of an FFN block, rows [0, cpu) of a head chunk; the
     accelerator's: the rest), each part's weights contiguous in memory, so that the accelerator's
     can be copied over as they are. An FFN block's down projection [D, I] is rearranged in place
     for that (its columns [0, cpu), then the others, each part row-major): `w`'s own
     down_proj.weight is scrambled afterwards and must not be used again. The norm goes to both
-    parts, the down projection's bias to the CPU's alone (it is added once)."""
+    parts, the down projection's bias to the CPU's alone (it is added once). `rearrange` False:
+    parts of the same shapes over the same bytes, `w` left as it is, but the down projection's
+    parts are not its columns: for timing the split at several shares, never for results."""
     if kind == "head":
         t = w["weight"]
         if not 0 < cpu < t.shape[0]:
@@ -523,11 +549,12 @@ def split_block(w: Mapping[str, torch.Tensor], kind: str, cpu: int) -> tuple[dic
     if not 0 < cpu < inter:
         raise ValueError(f"split at column {cpu}: expected 0 < column < {inter}")
     flat = down.view(-1)
-    gpu_cols = down[:, cpu:].clone()  # its place is overwritten by the CPU's columns first
-    for a in range(0, d, 256):  # row chunks: their CPU columns land before their own start (cpu <= inter)
-        b = min(d, a + 256)
-        flat[a * cpu:b * cpu].view(b - a, cpu).copy_(down[a:b, :cpu].clone())
-    flat[d * cpu:].view(d, inter - cpu).copy_(gpu_cols)
+    if rearrange:
+        gpu_cols = down[:, cpu:].clone()  # its place is overwritten by the CPU's columns first
+        for a in range(0, d, 256):  # row chunks: their CPU columns land before their own start (cpu <= inter)
+            b = min(d, a + 256)
+            flat[a * cpu:b * cpu].view(b - a, cpu).copy_(down[a:b, :cpu].clone())
+        flat[d * cpu:].view(d, inter - cpu).copy_(gpu_cols)
     halves: tuple[dict, dict] = ({}, {})
     for name, t in w.items():
         base = name.rsplit(".", 1)[0]
