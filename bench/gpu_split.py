@@ -156,6 +156,7 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
                          "host_ms": [1000 * r["split_host_s"] for r in stats],
                          "predicted": [r["split_predicted"] for r in stats],
                          "tune_s": [r["split_tune_s"] for r in stats],
+                         "step_ms": [1000 * r["split_step_s"] for r in stats],
                          "measured": [{k: r[f"split_{k}"] for k in ("cpu_Bps", "copy_Bps", "head_wait_s")}
                                       for r in stats],
                          "peak_rss_gb": [r["peak_rss_bytes"] / 1e9 for r in stats],
@@ -168,7 +169,8 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
                 f"{1000 * m['head_wait_s']:.1f}" for m in rows[-1]["measured"]) + "), rates GB/s CPU/copy " + "/".join(
                 f"{m['cpu_Bps'] / 1e9:.0f}:{m['copy_Bps'] / 1e9:.0f}" for m in rows[-1]["measured"])
             tuned = "" if not any(rows[-1]["tune_s"]) else " (tuned in " + "/".join(
-                f"{v:.1f}" for v in rows[-1]["tune_s"]) + " s; predicted " + "/".join(
+                f"{v:.1f}" for v in rows[-1]["tune_s"]) + " s, step without allreduce " + "/".join(
+                f"{v:.1f}" for v in rows[-1]["step_ms"]) + " ms; predicted " + "/".join(
                 f"{v:.3g}" for v in rows[-1]["predicted"]) + ")"
             print(f"  world {world} {name:>10}: {rows[-1]['ms']:7.1f} ms/token "
                   f"({', '.join(f'{v:.1f}' for v in ms[name])}; ratio {ratios}{tuned}, dispatch counted {host} ms, "

@@ -137,21 +137,25 @@ class RankModel:
         # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
         reserve = SPLIT_SLOTS * slot + small
-        self.gpu_blocks = self._place_on_gpu(specs, memory, reserve) if self.device.type == "cuda" else {}
-        all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
-        self.prefetch = memory.gpu_prefetch
-        self.index = {spec.key: i for i, spec in enumerate(specs)}
-        self.head_chunks: list[tuple[int, int, int]] = []  # (block index, first row, end row)
+        heads: list = []  # rank 0: the LM head in chunks of rows, blocks like the layers' ones
         if rank == 0:
             largest = max((s.nbytes for s in specs), default=64 << 20)
             if ratio is not None:  # LM-head chunks no larger than a projection, so that their GPU rows fit a copy slot
-                largest = min(largest, max((t.nbytes for s in all_specs for t in s.tensors), default=largest))
-            self.embed_info, norm_info, head_path, chunks = head_specs(shard_dir, manifest, largest)
-            for spec, a, b in chunks:
-                self.head_chunks.append((len(specs), a, b))
-                specs.append(spec)
+                largest = min(largest, max((t.nbytes for s in specs for t in s.tensors), default=largest))
+            self.embed_info, norm_info, head_path, heads = head_specs(shard_dir, manifest, largest)
             self._head_fd = os.open(head_path, os.O_RDONLY)
             self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
+        # LM-head chunks first: while rank 0 computes the head every other rank waits
+        self.gpu_blocks = (self._place_on_gpu([c for c, _, _ in heads], specs, memory, reserve)
+                           if self.device.type == "cuda" else {})
+        all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
+        self.prefetch = memory.gpu_prefetch
+        self.head_chunks: list[tuple[tuple, int, int]] = []  # (block key, first row, end row)
+        for spec, a, b in heads:
+            self.head_chunks.append((spec.key, a, b))
+            if spec.key not in self.gpu_blocks:
+                specs.append(spec)
+        self.index = {spec.key: i for i, spec in enumerate(specs)}
         if measure:  # now that it is known what is where
             ratio = self._measured_fraction(memory, all_specs, specs, threads, SPLIT_SLOTS * slot)
         self.split_mode = memory.split_mode
@@ -202,17 +206,18 @@ class RankModel:
             "split_gpu_share": self._gpu_share(),
             # block split measured at start: the dispatch per token and the wait for rank 0's LM
             # head counted on the CPU's side, the CPU's and the copy engine's rates, the share they
-            # predict, the seconds spent tuning it (0: not tuned)
+            # predict, the seconds spent tuning it (0: not tuned) and the step's seconds at the share
+            # kept (the slowest rank's of this machine, no allreduce)
             **{f"split_{k}": float((self.calibration or {}).get(k, 0.0))
-               for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps", "predicted", "tune_s")},
+               for k in ("host_s", "head_wait_s", "cpu_Bps", "copy_Bps", "predicted", "tune_s", "step_s")},
             "split_slot_bytes": self.split.nbytes if self.split else 0, "fetched_bytes": self.fetched_bytes,
             **{f"split_{k}": self.split.counters[k] if self.split else 0.0 for k in SPLIT_COUNTERS},
             "refused_messages": getattr(comm, "refused", 0),  # on the master: hostile or malformed input
         }
 
-    def _place_on_gpu(self, specs: list, memory: MemoryOptions, split: int) -> dict[tuple, Weights]:
+    def _place_on_gpu(self, first: list, specs: list, memory: MemoryOptions, split: int) -> dict[tuple, Weights]:
         """Blocks that fit the GPU budget after the KV cache and the split's `split` bytes (copy
-        slots, norms), largest first, loaded onto the GPU."""
+        slots, norms), loaded onto the GPU: of `first` in order, then of `specs` largest first."""
         budget = parse_bytes(memory.gpu_memory_budget)
         if budget is None:
             budget = int(0.9 * torch.cuda.mem_get_info(self.device)[0])
@@ -222,7 +227,7 @@ class RankModel:
                               f"({self.cache.nbytes:,} bytes) and the split's copy slots ({split:,} bytes); "
                               "lower --max-context or raise the budget")
         chosen = {}
-        for spec in sorted(specs, key=lambda s: -s.nbytes):
+        for spec in [*first, *sorted(specs, key=lambda s: -s.nbytes)]:
             if spec.nbytes <= room:
                 chosen[spec.key] = {k: t.to(self.device) for k, t in read_block(spec).items()}
                 room -= spec.nbytes
@@ -276,7 +281,7 @@ class RankModel:
         cal = self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads,
                                                     ready=self.peers and self.peers.meet)
         d = dispatch_seconds(self.cfg, self.device, self.dtype)
-        host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks)
+        host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks if k[1] != "head")
                   + sum(d[HOST_PATHS[s.key[1]]] for s in specs))
         head_wait_s = 0.0
         if self.rank != 0:
@@ -362,7 +367,7 @@ class RankModel:
         self.sched.counters = type(self.sched.counters)()  # start-up walks are not the rank's work
         self._rope = (None, None)
         cal = self.calibration = self.calibration or {}
-        cal.update(fraction=fraction(best), share=best,
+        cal.update(fraction=fraction(best), share=best, step_s=seconds[best],
                    tune_s=time.perf_counter() - t0,
                    tuned_ms={round(fraction(s), 4): 1000 * t for s, t in seconds.items()})
 
@@ -488,8 +493,9 @@ class RankModel:
         holds it on top of everything else. None: rows are read from disk as needed."""
         if self.residency.window != 0:  # something streams: no room to keep the table
             return None
-        if self.cfg.tie_word_embeddings:
-            return [(a, b, self.sched.pinned(i)["weight"]) for i, a, b in self.head_chunks]
+        if self.cfg.tie_word_embeddings:  # a chunk on the GPU gives its rows from there
+            return [(a, b, (self.gpu_blocks.get(key) or self.sched.pinned(self.index[key]))["weight"])
+                    for key, a, b in self.head_chunks]
         info = self.embed_info
         if budget is None or self.residency.planned_bytes + info.nbytes <= budget:
             return [(0, info.shape[0], read_rows(self._head_fd, info, 0, info.shape[0]))]
@@ -505,7 +511,7 @@ class RankModel:
         """Embedding rows for `ids` [L] -> [L, D]: from memory when the table is resident, else read
         row by row from the head file (no full table in memory under a small budget)."""
         if self.embed_table is not None:
-            return torch.stack([next(t[i - a] for a, b, t in self.embed_table if a <= i < b) for i in ids])
+            return torch.stack([next(t[i - a] for a, b, t in self.embed_table if a <= i < b).cpu() for i in ids])
         info = self.embed_info
         out = torch.empty((len(ids), info.shape[1]), dtype=info.dtype)
         for row, token in enumerate(ids):
@@ -517,13 +523,22 @@ class RankModel:
         """Final norm and LM head, chunk by chunk of vocabulary rows: h [L, D] -> float32 [L, V]."""
         hn = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
         out = torch.empty((h.shape[0], self.cfg.vocab_size), dtype=torch.float32)
-        for i, a, b in self.head_chunks:
+        resident = [(a, b, self.gpu_blocks[key]["weight"]) for key, a, b in self.head_chunks if key in self.gpu_blocks]
+        on_gpu = []
+        if resident:  # queued first: the GPU computes them while the host's chunks go by
+            hd = hn.to(self.device)
+            on_gpu = [(a, b, F.linear(hd, w)) for a, b, w in resident]
+        for key, a, b in self.head_chunks:
+            i = self.index.get(key)
+            if i is None:
+                continue
             with self.sched.block(i) as w:
-                if self.split is None or self.split.on_cpu(self.sched.blocks[i].key):
+                if self.split is None or self.split.on_cpu(key):
                     out[:, a:b] = F.linear(hn, w["weight"])
                 else:  # on the GPU from a copy, or split like the layers' projections
-                    key = self.sched.blocks[i].key
                     out[:, a:b] = self._run_split(i, key, hn, w, _head_rows, lambda c, y: torch.cat([c, y], dim=1))
+        for a, b, y in on_gpu:
+            out[:, a:b] = y.cpu()
         return out
 
 

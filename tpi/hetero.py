@@ -227,8 +227,13 @@ class Splitter:
                                         initargs=(self.threads,))
 
     def close(self) -> None:
+        """Stop the worker and let go of the copy ring and whatever refers back here (the
+        SplitWeights given last): a closed Splitter holds no device memory."""
         self._drain()
         self._pool.shutdown(wait=True)
+        for held in (self._current, self._jobs, self._staged, self._spans, self._todo, self._small, self._blocks):
+            held.clear()
+        self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     def __enter__(self) -> Splitter:
         return self
