@@ -68,9 +68,9 @@ class MemoryOptions:
     # (folder, ranks): ranks sharing this machine (LocalCluster's) meet there to measure the split's
     # rates at the same time, each seeing the others' load; None: measure alone
     measure_peers: tuple[str, int] | None = None
-    # block split on a GPU, no ratio configured: time this rank's own step at shares around the
-    # machine (a second or two at start) and keep the fastest; False: the share predicted from the
-    # measured rates as it is
+    # block split on a GPU, no ratio configured: time this rank's own step over a grid of shares
+    # (a few seconds at start) and keep the fastest; False: the share predicted from the measured
+    # rates, as it is
     split_tune: bool = True
     verify_shards: bool = True  # sha256 of this rank's files at start (sizes are always checked)
 
@@ -143,11 +143,12 @@ class RankModel:
             if ratio is not None:  # LM-head chunks no larger than a projection, so that their GPU rows fit a copy slot
                 largest = min(largest, max((t.nbytes for s in specs for t in s.tensors), default=largest))
             self.embed_info, norm_info, head_path, heads = head_specs(shard_dir, manifest, largest)
-            self._head_fd = os.open(head_path, os.O_RDONLY)
-            self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
         # LM-head chunks first: while rank 0 computes the head every other rank waits
         self.gpu_blocks = (self._place_on_gpu([c for c, _, _ in heads], specs, memory, reserve)
                            if self.device.type == "cuda" else {})
+        if rank == 0:  # opened once the budget is known to hold (a refusal leaves nothing open)
+            self._head_fd = os.open(head_path, os.O_RDONLY)
+            self.norm = read_rows(self._head_fd, norm_info, 0, norm_info.shape[0])
         all_specs, specs = specs, [s for s in specs if s.key not in self.gpu_blocks]
         self.prefetch = memory.gpu_prefetch
         self.head_chunks: list[tuple[tuple, int, int]] = []  # (block key, first row, end row)
