@@ -19,8 +19,9 @@ GPU budget holds a third of each rank's blocks, at world sizes 1 and 2, for
             blocks of the rank's shapes,
   rows@r    the same at fixed ratios r.
 
-All configurations of a world size are alive at once and measured in rotating order, a round at a
-time; the table quotes medians over rounds. Also probes CPU, copy and concurrent bandwidth, small
+All configurations of a world size are alive at once and measured a round at a time, each round
+in a new random order with a short pause before each generation; the table quotes medians over
+rounds. Also probes CPU, copy and concurrent bandwidth, small
 copies beside weight copies and the CPU matmul in bf16 vs fp32;
 with --calibrate shows the start-up calibration's timings in this process, and
 with --profile times chosen settings in this process (world size 1) under torch.profiler. Prints a table
@@ -40,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -56,6 +58,7 @@ from tpi.hetero import SPLIT_COUNTERS
 
 OUT = Path(__file__).resolve().parent / "out"
 BASELINES = ("cpu", "ondemand")
+PAUSE_S = 0.3  # idle before each timed generation: the last one's threads stop spinning
 
 
 # hidden, intermediate, heads, KV heads, head_dim, layers; vocabulary 32000: both about 1.1B parameters
@@ -129,7 +132,7 @@ def start(model: Path, cache: Path, world: int, threads: int, kw: dict, fields: 
 
 def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[dict]:
     """Every configuration started (one after the other: each measures its ratio undisturbed),
-    then `repeats` rounds of one generation each, in rotating order."""
+    then `repeats` rounds of one generation each, each round in a new random order."""
     ids = list(range(100, 132))
     chosen = settings(budget, args.dtype, [float(r) for r in args.sweep.split(",") if r],
                       [float(r) for r in args.rows_sweep.split(",") if r], args.settings.split(","))
@@ -143,8 +146,12 @@ def run_world(model: Path, cache: Path, world: int, args, budget: int) -> list[d
             live.append((name, cluster))
             print(f"  world {world}: started {name} in {time.perf_counter() - t0:.0f}s", flush=True)
         ms: dict[str, list[float]] = {name: [] for name, _ in live}
-        for r in range(args.repeats):
-            for name, cluster in live[r % len(live):] + live[:r % len(live)]:
+        order = random.Random(world)
+        for _ in range(args.repeats):
+            # a new order each round: in a fixed rotation each setting would always follow the same
+            # one and pay for its aftermath (threads still spinning, caches evicted)
+            for name, cluster in order.sample(live, len(live)):
+                time.sleep(PAUSE_S)
                 res = cluster.generate_full(ids, max_new_tokens=args.new_tokens, ignore_eos=True)
                 ms[name].append(1000 * res["decode_s"] / (len(res["ids"]) - 1))
         rows = []
