@@ -13,7 +13,7 @@ from conftest import assert_close
 from tpi import ClusterError, LocalCluster, forward
 from tpi.comm.base import SingleRank
 from tpi.config import ModelConfig
-from tpi.forward import SPLIT_SLOTS, RankModel, dispatch_seconds, split_gpu_bytes
+from tpi.forward import SPLIT_SLOTS, MemoryOptions, RankModel, dispatch_seconds, split_gpu_bytes
 from tpi.hetero import (
     Splitter,
     balance_share,
@@ -25,7 +25,7 @@ from tpi.hetero import (
     split_block,
 )
 from tpi.peers import Peers
-from tpi.weights import Manifest, block_spec, rank_blocks, split_cached
+from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, split_cached
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -467,3 +467,24 @@ def test_closed_splitter_holds_no_device_memory():
     for _ in range(3):
         held, closed = use_and_close()
         assert held - closed >= ring and closed <= first
+
+
+def test_placement_takes_the_lm_head_chunks_first(tiny_models, split_cache):
+    """Rank 0 keeps its LM-head chunks on the accelerator before any layer block (every other
+    rank waits while it computes the head), then the layer blocks largest first, within the
+    budget left after the KV cache and the split's reserve (here on the CPU, the placement alone)."""
+    path, _ = tiny_models("llama")
+    shard = split_cached(path, 2, cache_dir=split_cache, progress=False)
+    manifest = Manifest.load(shard)
+    model = RankModel(shard, manifest, 0)
+    layers = [block_spec(shard, manifest, 0, layer, kind) for layer, kind in rank_blocks(model.cfg, manifest.plan, 0)
+              if kind != "head"]
+    # chunks smaller than any layer block: largest first alone would not take them first
+    heads = [c for c, _, _ in head_specs(shard, manifest, min(s.nbytes for s in layers) // 2)[3]]
+    head_bytes = sum(b.nbytes for b in heads)
+    largest = max(layers, key=lambda s: s.nbytes)
+    budget = model.cache.nbytes + head_bytes + largest.nbytes  # the head and one layer block
+    placed = model._place_on_gpu(heads, layers, MemoryOptions(gpu_memory_budget=budget), 0)
+    assert list(placed)[:len(heads)] == [b.key for b in heads] and list(placed)[len(heads)] == largest.key
+    assert sum(sum(t.nbytes for t in w.values()) for w in placed.values()) <= budget - model.cache.nbytes
+    model.close()

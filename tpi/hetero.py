@@ -14,7 +14,9 @@ copy, so they need no path of their own). For the block split: ``plan_shares`` g
 share (attention whole on the accelerator, the others shared at one share), ``split_block`` cuts a
 shared block into its CPU part and its accelerator part (disjoint FFN columns, head rows; the
 accelerator's part then runs here at ratio 1), ``measure_bandwidths`` the CPU's and the copy
-engine's rates, running at once, and ``balance_share`` the share of bytes from them. Also
+engine's rates, running at once, ``balance_share`` the share of bytes they predict, and
+``search_share`` the share at which a timing the caller gives (forward.py times the rank's own
+step) is least, over a grid and then the best's neighbours. Also
 ``share_bytes`` (the largest projection share and the small tensors kept on the accelerator, for
 the GPU budget) and ``calibrate`` (the row split's ratio: the split path itself timed on synthetic
 blocks of the rank's shapes over a grid of ratios). With the accelerator set to the CPU the same
