@@ -386,10 +386,11 @@ def _tunable(shard, manifest: Manifest, rank: int) -> RankModel:
 
 
 @pytest.mark.timeout(300)
-def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_cache, tmp_path):
+def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_cache, tmp_path, monkeypatch, capsys):
     """The block split's share tuned at start (both parts on the CPU here): the shares timed are
-    views of the blocks as they are, so the logits afterwards still match the unsplit path; ranks
-    of one machine tune together and choose the same share."""
+    views of the blocks as they are, so the logits afterwards still match the unsplit path; a rank
+    too slow to tune keeps its split as planned, exact too; ranks of one machine tune together and
+    choose the same share."""
     path, _ = tiny_models("llama")
     shard = split_cached(path, 1, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
@@ -401,6 +402,14 @@ def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_ca
     assert model.sched.counters.loads == 0  # the timed steps are not counted as the rank's work
     assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
     model.close()
+    monkeypatch.setattr(forward, "TUNE_MAX_S", 0.0)  # as if its blocks streamed from disk: too slow to tune
+    model = _tunable(shard, manifest, 0)
+    model._tune_share(model.sched.blocks, model.split.slot_bytes, 1)
+    assert model.split.ratio == 0.5 and model.calibration is None  # the split as planned
+    assert "keeping the share predicted from the rates" in capsys.readouterr().err
+    assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
+    model.close()
+    monkeypatch.undo()
     shard = split_cached(path, 2, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
     ranks = [_tunable(shard, manifest, r) for r in range(2)]

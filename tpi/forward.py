@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +45,9 @@ from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_ra
 PREFILL_CHUNK = 512
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
 TUNE_ROUNDS = 3  # timed steps per share when the block split's share is tuned at start
+# steps the tuning takes: search_share's 15 shares x TUNE_ROUNDS, each timed step after an untimed one
+TUNE_STEPS = 15 * TUNE_ROUNDS * 2
+TUNE_MAX_S = 20.0  # a rank whose steps would take longer to tune (blocks streamed from disk) keeps the prediction
 TUNE_SEQ = -1  # the sequence id of those steps (its KV slot is freed after each)
 # dispatch_seconds' key for the path each kind of host block takes in the block split
 HOST_PATHS = {"attn": "copied_attn", "ffn": "split", "head": "split_head"}
@@ -336,7 +340,9 @@ class RankModel:
         when serving) and keep the share at which the slowest of them is fastest. The parts timed
         are views of the blocks as they are, so nothing is rearranged until the share is chosen.
         The share predicted from the rates (``_measured_fraction``) stays in self.calibration.
-        Afterwards the split is planned at the share chosen and its pinned blocks' parts are made."""
+        Afterwards the split is planned at the share chosen and its pinned blocks' parts are made.
+        A rank whose first step shows that tuning would take more than TUNE_MAX_S (blocks streamed
+        from disk) keeps the split as it was planned (the prediction), as do the ranks it meets."""
         t0 = time.perf_counter()
         attn = sum(s.nbytes for s in specs if s.key[1] == "attn")
         total = sum(s.nbytes for s in specs)
@@ -361,12 +367,23 @@ class RankModel:
             return [max(ranks) for ranks in zip(*every, strict=True)]
 
         self._halves = self._pinned_halves(exact=False)
-        self._tuning_step(x)  # warm-up: pinned blocks in place, kernels chosen
-        best, seconds = search_share(time_at)
-        self._plan_split(specs, fraction(best), slot, threads)
+        first = self._tuning_step(x)  # warm-up: pinned blocks in place, kernels chosen
+        slowest = max(v[0] for v in ([[first]] if self.peers is None else self.peers.share([first])))
+        best, ratio = None, self.split.ratio
+        if slowest * TUNE_STEPS > TUNE_MAX_S:  # every rank of the machine decides alike
+            print(f"rank {self.rank}: block split: a step takes {slowest:.2f}s, so tuning would take about "
+                  f"{slowest * TUNE_STEPS:.0f}s: keeping the share predicted from the rates",
+                  file=sys.stderr, flush=True)
+        else:
+            best, seconds = search_share(time_at)
+            ratio = fraction(best)
+        # a new Splitter: nothing copied from the parts timed may stay staged
+        self._plan_split(specs, ratio, slot, threads)
         self._halves = self._pinned_halves(exact=True)
         self.sched.counters = type(self.sched.counters)()  # start-up walks are not the rank's work
         self._rope = (None, None)
+        if best is None:
+            return
         cal = self.calibration = self.calibration or {}
         cal.update(fraction=fraction(best), share=best, step_s=seconds[best],
                    tune_s=time.perf_counter() - t0,
