@@ -503,10 +503,10 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
                 lines.append(f"world {world}, {family}: ratio found at start {predicted['ratio']:.2f} "
                              f"({predicted['ms']:.1f} ms/token); fastest measured {fastest['ratio']:.2f} "
                              f"({fastest['ms']:.1f} ms/token)")
-            bare = next((r for r in rows if r["world"] == world and r["setting"] == "predicted"), None)
-            if family == "blocks" and bare:
-                lines.append(f"world {world}, blocks: share predicted from the rates "
-                             + "/".join(f"{v:.2f}" for v in bare["predicted"]) + f" ({bare['ms']:.1f} ms/token)")
+        bare = next((r for r in rows if r["world"] == world and r["setting"] == "predicted"), None)
+        if bare:
+            lines.append(f"world {world}, blocks: share predicted from the rates "
+                         + "/".join(f"{v:.2f}" for v in bare["predicted"]) + f" ({bare['ms']:.1f} ms/token)")
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -350,6 +350,8 @@ def test_ranks_of_one_machine_meet_and_share(tmp_path, capsys):
     lonely = Peers(tmp_path / "alone", 1, 4, timeout=0.1)
     assert not lonely.meet() and lonely.alone and lonely.share([1.0]) == [[1.0]]
     assert "rank 1: measuring alone" in capsys.readouterr().err
+    nobody = Peers(None, 5)  # a rank with no peers on its machine
+    assert nobody.alone and not nobody.meet() and nobody.share([2.0]) == [[2.0]]
     with pytest.raises(ValueError, match="rank 4 of 4 peers"):
         Peers(tmp_path, 4, 4, timeout=1)
 

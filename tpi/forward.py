@@ -24,6 +24,8 @@ from tpi.comm.base import Communicator, SingleRank
 from tpi.comm.wire import Phase, Tag
 from tpi.config import SPLIT_MODES, ConfigError, ModelConfig, parse_bytes
 from tpi.hetero import (
+    SHARE_GRID,
+    SHARE_REFINE,
     SPLIT_COUNTERS,
     Splitter,
     balance_share,
@@ -45,8 +47,8 @@ from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_ra
 PREFILL_CHUNK = 512
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
 TUNE_ROUNDS = 3  # timed steps per share when the block split's share is tuned at start
-# steps the tuning takes: search_share's 15 shares x TUNE_ROUNDS, each timed step after an untimed one
-TUNE_STEPS = 15 * TUNE_ROUNDS * 2
+# steps the tuning takes: search_share's shares x TUNE_ROUNDS, each timed step after an untimed one
+TUNE_STEPS = (SHARE_GRID + 1 + 2 * len(SHARE_REFINE)) * TUNE_ROUNDS * 2
 TUNE_MAX_S = 20.0  # a rank whose steps would take longer to tune (blocks streamed from disk) keeps the prediction
 TUNE_SEQ = -1  # the sequence id of those steps (its KV slot is freed after each)
 # dispatch_seconds' key for the path each kind of host block takes in the block split
@@ -133,10 +135,8 @@ class RankModel:
         blocks_mode = memory.split_mode == "blocks"
         measure = blocks_mode and memory.split_ratio is None and self.device.type == "cuda"  # once placed
         self.calibration: dict | None = None  # what was measured at start for the split, if anything
-        self.peers: Peers | None = None  # the ranks of this machine, meeting to measure the split
-        if memory.measure_peers is not None:
-            folder, n = memory.measure_peers
-            self.peers = Peers(folder, rank, n, MEET_TIMEOUT)
+        folder, n = memory.measure_peers or (None, 1)
+        self.peers = Peers(folder, rank, n, MEET_TIMEOUT)  # the ranks of this machine, meeting to measure the split
         ratio = 1.0 if measure else self._split_ratio(memory, specs, threads)
         # any block may end up on the host; a block split copies whole projections (or their columns)
         slot, small = (0, 0) if ratio is None else split_gpu_bytes(specs, 1.0 if blocks_mode else ratio)
@@ -254,8 +254,7 @@ class RankModel:
         split."""
         ratio = memory.split_ratio
         if ratio is None and self.device.type == "cuda":
-            if self.peers is not None:
-                self.peers.meet()
+            self.peers.meet()
             firsts = {s.key[1]: s for s in reversed(specs)}.values()
             blocks = [{t.name: tuple(t.shape) for t in s.tensors if is_projection(t.name) and len(t.shape) == 2}
                       for s in firsts]
@@ -280,11 +279,10 @@ class RankModel:
         the copy ring (`ring` bytes) with the next blocks: that much copying is free."""
         shapes = [tuple(t.shape) for s in all_specs for t in s.tensors if is_projection(t.name) and len(t.shape) == 2]
         if not shapes:  # no share of any layer here: nothing to split
-            if self.peers is not None:
-                self.peers.meet()  # the others' measurement meets this rank's: keep count with them
+            self.peers.meet()  # the others' measurement meets this rank's: keep count with them
             return 1.0
         cal = self.calibration = measure_bandwidths(self.device, self.dtype, max(shapes, key=math.prod), threads,
-                                                    ready=self.peers and self.peers.meet)
+                                                    ready=self.peers.meet)
         d = dispatch_seconds(self.cfg, self.device, self.dtype)
         host_s = (sum(d["gpu_attn" if k[1] == "attn" else "gpu_ffn"] for k in self.gpu_blocks if k[1] != "head")
                   + sum(d[HOST_PATHS[s.key[1]]] for s in specs))
@@ -353,8 +351,7 @@ class RankModel:
             self._plan_split(specs, fraction(share), slot, threads)
             self._halves = self._pinned_halves(exact=False)
             self._tuning_step(x)
-            if self.peers is not None:
-                self.peers.meet("tuning the split")
+            self.peers.meet("tuning the split")
             return self._tuning_step(x)
 
         def time_at(shares: list[float]) -> list[float]:
@@ -363,12 +360,11 @@ class RankModel:
                 for share in shares[r % len(shares):] + shares[:r % len(shares)]:
                     times[share].append(step_at(share))
             mine = [statistics.median(times[s]) for s in shares]
-            every = [mine] if self.peers is None else self.peers.share(mine)
-            return [max(ranks) for ranks in zip(*every, strict=True)]
+            return [max(ranks) for ranks in zip(*self.peers.share(mine), strict=True)]
 
         self._halves = self._pinned_halves(exact=False)
         first = self._tuning_step(x)  # warm-up: pinned blocks in place, kernels chosen
-        slowest = max(v[0] for v in ([[first]] if self.peers is None else self.peers.share([first])))
+        slowest = max(v[0] for v in self.peers.share([first]))
         best, ratio = None, self.split.ratio
         if slowest * TUNE_STEPS > TUNE_MAX_S:  # every rank of the machine decides alike
             print(f"rank {self.rank}: block split: a step takes {slowest:.2f}s, so tuning would take about "

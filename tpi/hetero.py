@@ -46,6 +46,7 @@ STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 ALIGN = 256  # slot sizes are rounded up to this
 # seconds: the worker computing CPU rows; the launching thread waiting for an input, for CPU rows
 SPLIT_COUNTERS = ("cpu_s", "wait_input_s", "wait_cpu_s")
+SHARE_GRID, SHARE_REFINE = 10, (0.05, 0.025)  # search_share: shares 0, 0.1, ..., 1, then the best's neighbours
 HOST_BUFFERS = 8  # pinned buffers for the CPU's rows: a stage's (at most 3) and the next stage's
 
 
@@ -510,8 +511,8 @@ def balance_share(gpu_only: int, shared: int, cpu_Bps: float, copy_Bps: float, h
     return (gpu_only + s * shared) / (gpu_only + shared)
 
 
-def search_share(time_at: Callable[[list[float]], list[float]], grid: int = 10,
-                 refine: Sequence[float] = (0.05, 0.025)) -> tuple[float, dict[float, float]]:
+def search_share(time_at: Callable[[list[float]], list[float]], grid: int = SHARE_GRID,
+                 refine: Sequence[float] = SHARE_REFINE) -> tuple[float, dict[float, float]]:
     """The share in [0, 1] at which `time_at` (seconds for each of a list of shares, timed
     together) is least: shares 0, 1/grid, ..., 1, then the best's neighbours at each step of
     `refine`. Returns (the best share, {share: seconds} for every share timed)."""

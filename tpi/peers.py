@@ -18,16 +18,17 @@ POLL_S = 0.002  # seconds between looks at the folder while waiting
 
 
 class Peers:
-    """Rank `rank` of the `n` ranks that meet in `folder`. Every rank must call ``meet`` and
-    ``share`` in the same order (the k-th call of each meets the k-th of the others). A rank whose
-    peers do not all arrive within `timeout` seconds says so on stderr and goes on alone from then
-    on: a peer that failed to start must not hold the others."""
+    """Rank `rank` of the `n` ranks that meet in `folder` (None: a rank with no peers here, alone
+    from the start: ``meet`` returns at once, ``share`` gives its own values). Every rank must call
+    ``meet`` and ``share`` in the same order (the k-th call of each meets the k-th of the others).
+    A rank whose peers do not all arrive within `timeout` seconds says so on stderr and goes on
+    alone from then on: a peer that failed to start must not hold the others."""
 
-    def __init__(self, folder: str | os.PathLike, rank: int, n: int, timeout: float):
-        if n < 1 or not 0 <= rank < n:
+    def __init__(self, folder: str | os.PathLike | None, rank: int, n: int = 1, timeout: float = 0.0):
+        if folder is not None and (n < 1 or not 0 <= rank < n):
             raise ValueError(f"rank {rank} of {n} peers: expected 0 <= rank < n")
-        self.folder, self.rank, self.n, self.timeout = os.fspath(folder), rank, n, timeout
-        self.alone = n == 1
+        self.folder, self.rank, self.n, self.timeout = folder and os.fspath(folder), rank, n, timeout
+        self.alone = folder is None or n == 1
         self._count = 0
 
     def _path(self, name: str, rank: int) -> str:
