@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import shlex
@@ -491,7 +492,8 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
         for r in mine:
             shares = "/".join(f"{v:.2f}" for v in r["gpu_share"])
             lines.append(f"| {world} | {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} | {shares} | "
-                         f"{r['gpu_blocks']} / {r['host_blocks']} | {best / r['ms']:.2f}x | {stream / r['ms']:.2f}x | "
+                         f"{r['gpu_blocks']} / {r['host_blocks']} | {_times(best, r['ms'])} | "
+                         f"{_times(stream, r['ms'])} | "
                          + "/".join(f"{v:.2f}" for v in r["peak_rss_gb"]) + " |")
     lines.append("")
     for world in sorted({r["world"] for r in rows}):
@@ -513,6 +515,11 @@ def report(rows: list[dict], args, params: int, gpu: str, probes: dict) -> None:
     (OUT / "gpu_split.md").write_text(text)
     (OUT / "gpu_split.json").write_text(json.dumps(rows, indent=1))
     plot(rows)
+
+
+def _times(base: float, ms: float) -> str:
+    """How many times faster than base; a dash where base was not run."""
+    return "–" if math.isnan(base) else f"{base / ms:.2f}x"
 
 
 def plot(rows: list[dict]) -> None:
