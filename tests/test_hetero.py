@@ -396,7 +396,9 @@ def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_ca
     path, _ = tiny_models("llama")
     shard = split_cached(path, 1, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
-    ref = _rank_logits(RankModel(shard, manifest, 0), PROMPT)
+    unsplit = RankModel(shard, manifest, 0)
+    ref = _rank_logits(unsplit, PROMPT)
+    unsplit.close()
     model = _tunable(shard, manifest, 0)
     model._tune_share(model.sched.blocks, model.split.slot_bytes, 1)
     cal = model.calibration

@@ -41,7 +41,7 @@ from tpi.kv_cache import KVCache, LayerCache
 from tpi.layers import Weights, _linear, attention_partial, ffn_partial, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.peers import Peers
 from tpi.safetensors_io import pread_into, read_rows
-from tpi.scheduler import WeightScheduler, plan_residency, read_block
+from tpi.scheduler import Counters, WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 PREFILL_CHUNK = 512
@@ -376,7 +376,7 @@ class RankModel:
         # a new Splitter: nothing copied from the parts timed may stay staged
         self._plan_split(specs, ratio, slot, threads)
         self._halves = self._pinned_halves(exact=True)
-        self.sched.counters = type(self.sched.counters)()  # start-up walks are not the rank's work
+        self.sched.counters = Counters()  # start-up walks are not the rank's work
         self._rope = (None, None)
         if best is None:
             return
