@@ -249,7 +249,7 @@ def cmd_worker(args) -> None:
 
 
 def cmd_launch(args) -> None:
-    from tpi.cluster_config import load_cluster_config
+    from tpi.cluster_config import check_shares, load_cluster_config
     from tpi.launch import Launcher, dry_run, node_commands
 
     cfg = load_cluster_config(args.config)
@@ -257,6 +257,7 @@ def cmd_launch(args) -> None:
     if args.dry_run:
         dry_run(commands)
         return
+    check_shares(cfg, args.config)
     with Launcher(commands) as launcher:
         print(f"launched {cfg.name}: {cfg.world_size} rank(s); Ctrl-C stops them all", file=sys.stderr, flush=True)
         code = launcher.wait()
@@ -265,10 +266,11 @@ def cmd_launch(args) -> None:
 
 
 def cmd_emulate(args) -> None:
-    from tpi.cluster_config import load_cluster_config
+    from tpi.cluster_config import check_shares, load_cluster_config
     from tpi.emulate import EmulateError, Emulation
 
     cfg = load_cluster_config(args.config)
+    check_shares(cfg, args.config)
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))  # a closed terminal cleans up too
     try:
         with Emulation(cfg, args.subnet, args.delay_mode) as emu:

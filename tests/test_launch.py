@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tpi.cluster_config import load_cluster_config, parse_cluster_config
+from tpi.cluster_config import check_shares, load_cluster_config, parse_cluster_config
 from tpi.config import ConfigError
 from tpi.launch import node_commands
 
@@ -35,6 +35,18 @@ def test_every_example_config_loads():
     assert {n.device for n in home.nodes} == {"cpu", "cuda"}
     compose = configs["compose-4.yaml"]
     assert compose.link.delay_s == 0.005 and compose.link.rate_bps == 300e6
+    assert compose.ratios == [0, 1, 1, 1]  # SmolLM2's 3 KV heads: the master holds no share
+    # a loopback master binds loopback (no keys needed); one reached over the network binds everywhere
+    assert "--bind tcp://127.0.0.1:5555" in node_commands(configs["local-3.yaml"])[0].shell()
+    assert "--bind tcp://0.0.0.0:5555" in node_commands(compose)[0].shell()
+
+
+def test_more_shares_than_kv_heads_are_refused_before_anything_starts(smollm2):
+    cfg = parse_cluster_config({"model": str(smollm2[0]), "workers": [{"rank": r} for r in (1, 2, 3)]})
+    with pytest.raises(ConfigError, match=r"^x.yaml: master.ratio and workers' ratio: cannot split 3 KV heads "
+                                          r"over 4 ranks.*give the others ratio 0.*ratios 0,1,1,1$"):
+        check_shares(cfg, "x.yaml")
+    check_shares(cfg.model_copy(update={"master": cfg.master.model_copy(update={"ratio": 0})}), "x.yaml")
 
 
 BROKEN = [

@@ -137,8 +137,12 @@ def test_smollm2_shape_splits_up_to_its_kv_heads(world: int) -> None:
 
 
 def test_smollm2_shape_refuses_four_ranks() -> None:
-    with pytest.raises(ConfigError, match=r"3 KV heads over 4 ranks.*at most 3"):
+    with pytest.raises(ConfigError, match=r"3 KV heads over 4 ranks.*at most 3.*ratio 0.*ratios 0,1,1,1$"):
         make_plan(SMOLLM2, 4)
+    plan = make_plan(SMOLLM2, 4, "0,1,1,1")  # the rule the error gives: the master holds no share
+    assert [s.num_kv_heads for s in plan.shards] == [0, 1, 1, 1] and plan.shards[0].ffn_size == 0
+    with pytest.raises(ConfigError, match=r"ratios 0,0,1,1,1$"):
+        make_plan(SMOLLM2, 5)
 
 
 def test_zero_ratio_rank_gets_no_share() -> None:

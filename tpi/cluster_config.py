@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpi.comm.security import check_public_key
-from tpi.config import ConfigError, parse_bytes
+from tpi.config import ConfigError, ModelConfig, parse_bytes
 
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
@@ -109,9 +109,17 @@ class Node(_Strict):
 
 class MasterSpec(Node):
     port: int = Field(5555, ge=1, le=65535)  # where workers connect
-    bind: str = "0.0.0.0"  # the interface that port listens on
+    # the interface that port listens on; None: loopback when the master's host is loopback (its
+    # workers are on this machine), else every interface
+    bind: str | None = None
     http_host: str = "127.0.0.1"  # the HTTP API; 0.0.0.0 to reach it from other machines
     http_port: int = Field(8000, ge=0, le=65535)
+
+    @property
+    def bind_address(self) -> str:
+        if self.bind is not None:
+            return self.bind
+        return "127.0.0.1" if self.host in LOCAL_HOSTS else "0.0.0.0"
 
 
 class WorkerSpec(Node):
@@ -195,6 +203,31 @@ class ClusterConfig(_Strict):
     def master_address(self) -> str:
         """Where workers connect."""
         return f"tcp://{self.master.host}:{self.master.port}"
+
+
+def check_shares(cfg: ClusterConfig, source: str = "config") -> None:
+    """Refuse, before anything starts, ratios the model cannot be split by (more ranks with a
+    share than it has KV heads), when the model's config.json is readable here (the master's
+    machine; the embedded model once converted). The error names the config's ratio fields."""
+    import json
+
+    from tpi.partition import make_plan
+
+    folder = _model_folder(cfg.model)
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        make_plan(ModelConfig.from_hf(json.loads((folder / "config.json").read_text())), cfg.world_size, cfg.ratios)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: master.ratio and workers' ratio: {e}") from None
+
+
+def _model_folder(model: str) -> Path | None:
+    if model != "embedded":
+        return Path(model).expanduser()
+    from tpi.embedded import converted_dir
+
+    return converted_dir()
 
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:

@@ -35,6 +35,12 @@ def gguf_path() -> Path:
     return files[0]
 
 
+def converted_dir(cache: str | os.PathLike | None = None) -> Path | None:
+    """The embedded model's converted checkpoint, if it has been converted already (else None)."""
+    final = (Path(cache) if cache else cache_root() / "models") / NAME
+    return final if (final / "config.json").is_file() else None
+
+
 def default_model_dir(cache: str | os.PathLike | None = None) -> Path:
     """A float32 safetensors checkpoint of the embedded model, converted on first use."""
     root = Path(cache) if cache else cache_root() / "models"

@@ -60,7 +60,7 @@ def node_commands(cfg: ClusterConfig) -> list[NodeCommand]:
     if cfg.model != "embedded":
         master += ["--model", cfg.model]
     master += ["--world-size", str(cfg.world_size), "--ratios", ",".join(f"{r:g}" for r in cfg.ratios),
-               "--dtype", cfg.dtype, "--wait-for-workers", "--bind", f"tcp://{m.bind}:{m.port}",
+               "--dtype", cfg.dtype, "--wait-for-workers", "--bind", f"tcp://{m.bind_address}:{m.port}",
                "--host", m.http_host, "--port", str(m.http_port), *_node_flags(cfg, m)]
     if cfg.collective != "star":
         master += ["--collective", cfg.collective]

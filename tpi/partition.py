@@ -85,7 +85,9 @@ def apportion(total: int, ratios: Sequence[float], what: str) -> list[int]:
     if len(active) > total:
         raise ConfigError(
             f"cannot split {total} {what} over {len(active)} ranks with a share (ratios {list(ratios)}): "
-            f"every such rank needs at least one; use at most {total} ranks with a share"
+            f"every rank with a nonzero ratio needs at least one, so at most {total} ranks may have one; "
+            f"give the others ratio 0 (they hold no share of the layers), for example the master, which then "
+            f"only embeds, samples and serves: ratios {_suggest(len(ratios), total)}"
         )
     rsum = sum(ratios)
     quotas = [total * r / rsum for r in ratios]
@@ -97,6 +99,12 @@ def apportion(total: int, ratios: Sequence[float], what: str) -> list[int]:
         i = max(active, key=lambda i: (quotas[i] - sizes[i], -i))
         sizes[i] += 1
     return sizes
+
+
+def _suggest(world_size: int, total: int) -> str:
+    """Ratios that fit: rank 0 (and the next ranks, if need be) at 0, at most `total` ranks at 1."""
+    zeros = max(1, world_size - total)
+    return ",".join(["0"] * zeros + ["1"] * (world_size - zeros))
 
 
 def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
