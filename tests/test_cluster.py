@@ -125,7 +125,7 @@ def test_killed_worker_gives_clear_error_quickly(tiny_models, split_cache):
 
 @pytest.mark.timeout(60)
 def test_workers_import_no_transformers():
-    code = ("import sys, tpi.worker, tpi.forward, tpi.comm.zmq_star, tpi.weights; "
+    code = ("import sys, tpi.worker, tpi.forward, tpi.comm.spoke, tpi.weights; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -59,20 +59,22 @@ def star_reference(parts: list[torch.Tensor], payload: str = "float32") -> torch
 # -- every collective in spawned processes -------------------------------------------------------
 def _build(rank: int, world: int) -> dict:
     from tpi.comm.gloo import GlooAllReduce
-    from tpi.comm.zmq_star import StarMaster
+    from tpi.comm.hub import Hub
+    from tpi.options import CommOptions
 
     out = {f"ring/{p}": RingAllReduce(rank, world, p, timeout=30) for p in PAYLOADS}
     out.update({f"tree/{p}": TreeAllReduce(rank, world, p, timeout=30) for p in PAYLOADS})
     out["gloo/float32"] = GlooAllReduce(rank, world, timeout=30)
     out["gloo/bfloat16"] = GlooAllReduce(rank, world, "bfloat16", timeout=30)
     for p in PAYLOADS if rank == 0 else ():  # the star: float32 is the plain path; the others come with PEERS
-        out[f"star/{p}"] = StarMaster("tcp://127.0.0.1:0", world, "test", 97, torch.float32, 1, 30,
-                                      payload=None if p == "float32" else p)
+        out[f"star/{p}"] = Hub("tcp://127.0.0.1:0", world, "test", 97, torch.float32, 1,
+                               CommOptions(payload=None if p == "float32" else p, step_timeout=30))
     return out
 
 
 def _connect(rank: int, world: int, comms: dict, addrs: list[dict]) -> None:
-    from tpi.comm.zmq_star import StarWorker
+    from tpi.comm.spoke import Spoke
+    from tpi.options import CommOptions
 
     step = Message(Kind.STEP, 1, 0, length=1, tensor=torch.zeros(1, 97))
     for p in PAYLOADS:
@@ -81,7 +83,8 @@ def _connect(rank: int, world: int, comms: dict, addrs: list[dict]) -> None:
             comms[name].wait_for_workers(30)
             comms[name].broadcast(step)  # a payload is announced (PEERS) before the first step
         else:
-            comms[name] = StarWorker(addrs[0][name], rank, world, "test", 97, torch.float32, 1, 30)
+            comms[name] = Spoke(addrs[0][name], rank, world, "test", 97, torch.float32, 1,
+                                CommOptions(step_timeout=30))
             comms[name].join(30)
             assert comms[name].receive(30).kind == Kind.STEP
     for name, comm in comms.items():
@@ -387,7 +390,7 @@ def test_generation_matches_transformers(llama_reference, split_cache, collectiv
         assert_close(cluster.forward(PROMPT), ref_logits, rel=1e-4 if payload is None else 2e-2)
         assert cluster.generate(PROMPT, max_new_tokens=10) == ref
         stats = cluster.stats()
-    assert all(r["allreduce_calls"] == stats[0]["allreduce_calls"] > 0 for r in stats)
+    assert all(r.allreduce_calls == stats[0].allreduce_calls > 0 for r in stats)
 
 
 def test_bad_collective_options_are_refused(tiny_models) -> None:
@@ -497,7 +500,7 @@ def test_trace_records_every_allreduce_of_every_rank(llama_reference, split_cach
         t0 = time.perf_counter()
         assert cluster.generate(PROMPT, max_new_tokens=5) == ref[:5]
         t1 = time.perf_counter()
-        n = cluster.stats()[0]["allreduce_calls"]
+        n = cluster.stats()[0].allreduce_calls
     traces = trace.load(tmp_path, 3)
     assert [len(t) for t in traces] == [n, n, n]
     calls = trace.per_call(traces)

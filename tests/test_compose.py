@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tpi.cluster_config import load_cluster_config
-from tpi.forward import parse_bytes
+from tpi.config import parse_bytes
 from tpi.launch import node_commands
 
 ROOT = Path(__file__).resolve().parent.parent

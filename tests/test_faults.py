@@ -18,8 +18,9 @@ import zmq
 
 from tpi import ClusterError, LocalCluster
 from tpi.comm.security import Curve, KeyPair
+from tpi.comm.hub import Hub
 from tpi.comm.wire import PROTOCOL_VERSION, Kind, Message, encode
-from tpi.comm.zmq_star import StarMaster
+from tpi.options import CommOptions
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 
@@ -58,11 +59,11 @@ def test_killed_worker_fails_fast_and_restart_restores_exact_output(llama, split
             took, message = _fail_after(cluster, 5, lambda pid=pid: os.kill(pid, signal.SIGKILL))
             assert took < 5 and f"worker rank {rank}" in message and f"pid {pid}" in message, (took, message)
             health = cluster.health()
-            assert health["missing"] == [rank]
+            assert health.missing == (rank,)
             with pytest.raises(ClusterError, match=f"worker rank {rank}"):  # no hang: refused at once
                 cluster.generate(PROMPT, 4)
             cluster.restart_worker(rank)
-            assert cluster.worker_pids[rank] != pid and cluster.health()["missing"] == []
+            assert cluster.worker_pids[rank] != pid and cluster.health().missing == ()
             assert cluster.generate(PROMPT, 64) == ref
 
 
@@ -74,11 +75,11 @@ def test_hung_worker_is_declared_lost_then_rejoins_after_sigcont(llama, split_ca
         try:
             took, message = _fail_after(cluster, 5, lambda: os.kill(pid, signal.SIGSTOP))
             assert took < 3.0 + 2.0 and "worker rank 2" in message, (took, message)
-            assert cluster.health()["missing"] == [2]
+            assert cluster.health().missing == (2,)
         finally:
             os.kill(pid, signal.SIGCONT)
         deadline = time.monotonic() + 30
-        while cluster.health()["missing"]:  # the same process reconnects by itself
+        while cluster.health().missing:  # the same process reconnects by itself
             assert time.monotonic() < deadline, cluster.health()
             time.sleep(0.1)
         assert cluster.worker_pids[2] == pid
@@ -104,10 +105,10 @@ def test_sigterm_on_a_worker_fails_the_request_with_the_reason(llama, split_cach
         pid = cluster.worker_pids[1]
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while 1 not in cluster.health()["missing"]:
+        while 1 not in cluster.health().missing:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert "SIGTERM" in cluster.health()["reasons"]["1"] or "closed" in cluster.health()["reasons"]["1"]
+        assert "SIGTERM" in cluster.health().reasons[1] or "closed" in cluster.health().reasons[1]
         with pytest.raises(ClusterError, match="worker rank 1"):
             cluster.generate(PROMPT, 4)
         cluster.restart_worker(1)
@@ -119,7 +120,7 @@ def test_curve_cluster_is_exact(llama, split_cache, tmp_path):
     path, ref = llama
     with LocalCluster(path, 3, cache_dir=split_cache, curve=True, worker_cache_dir=tmp_path) as cluster:
         assert cluster.generate(PROMPT, 64) == ref
-        assert all(r["fetched_bytes"] > 0 for r in cluster.stats()[1:])  # the download is encrypted too
+        assert all(r.fetched_bytes > 0 for r in cluster.stats()[1:])  # the download is encrypted too
 
 
 def _stranger(address: str, curve: Curve | None) -> zmq.Socket:
@@ -138,8 +139,8 @@ def _stranger(address: str, curve: Curve | None) -> zmq.Socket:
 @pytest.mark.timeout(60)
 def test_a_peer_without_an_allowed_key_cannot_join_or_inject():
     master_keys, worker_keys = KeyPair.generate(), KeyPair.generate()
-    master = StarMaster("tcp://127.0.0.1:0", 2, "d" * 64, 4, torch.float32, 2,
-                        curve=Curve(master_keys, allowed=(worker_keys.public,)))
+    master = Hub("tcp://127.0.0.1:0", 2, "d" * 64, 4, torch.float32, 2,
+                 CommOptions(curve=Curve(master_keys, allowed=(worker_keys.public,))))
     hello = encode(Message(Kind.HELLO, info={"rank": 1, "protocol": PROTOCOL_VERSION, "digest": "x", "pid": 1}))
     partial = encode(Message(Kind.PARTIAL, length=1, tensor=torch.ones(1, 4)))
     socks = []
@@ -158,7 +159,7 @@ def test_a_peer_without_an_allowed_key_cannot_join_or_inject():
         assert master.sock.poll(5000), "the allowed key's HELLO did not arrive"  # the control experiment
         master.poll_idle(1.0)
         assert allowed.poll(5000) and allowed.recv_multipart()  # refused for its digest: it reached the handler
-        assert master.peers == {}
+        assert master.members.peers == {}
     finally:
         for s in socks:
             s.close(0)

@@ -14,8 +14,9 @@ import zmq
 from tpi import LocalCluster
 from tpi.comm.base import CommError
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, decode, encode
-from tpi.comm.zmq_star import StarMaster
-from tpi.fetch import CHUNK_BYTES, ShardServer, fetch_shards
+from tpi.comm.files import CHUNK_BYTES, ShardServer
+from tpi.comm.hub import Hub
+from tpi.fetch import fetch_shards
 from tpi.weights import Manifest, split_cached
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -40,7 +41,7 @@ def test_workers_fetch_cache_and_refetch_damaged_files(tiny_models, split_cache,
     with LocalCluster(path, 3, cache_dir=split_cache, worker_cache_dir=cache) as cluster:
         shard_dir = cluster.shard_dir
         assert cluster.generate(PROMPT, 12) == ref
-        fetched = [r["fetched_bytes"] for r in cluster.stats()]
+        fetched = [r.fetched_bytes for r in cluster.stats()]
     manifest = Manifest.load(shard_dir)
     sizes = {r: sum(f["size"] for f in manifest.rank_files(r).values()) for r in (1, 2)}
     assert fetched == [0, sizes[1], sizes[2]]  # everything, on an empty cache
@@ -55,20 +56,20 @@ def test_workers_fetch_cache_and_refetch_damaged_files(tiny_models, split_cache,
     stale.write_bytes(b"from an older split")
     with LocalCluster(path, 3, cache_dir=split_cache, worker_cache_dir=cache) as cluster:
         assert cluster.generate(PROMPT, 12) == ref  # equal to the loopback run, token for token
-        fetched = [r["fetched_bytes"] for r in cluster.stats()]
+        fetched = [r.fetched_bytes for r in cluster.stats()]
     files2 = manifest.rank_files(2)
     assert fetched == [0, 0, sum(files2[f"rank2/{p.name}"]["size"] for p in damaged[:2])]
     assert not stale.exists()
 
 
 class _ServingMaster:
-    """A StarMaster whose socket is polled by a thread, as while it waits for workers to join."""
+    """A Hub whose socket is polled by a thread, as while it waits for workers to join."""
 
     def __init__(self, shard_dir: Path):
         manifest = Manifest.load(shard_dir)
         cfg = manifest.config
-        self.master = StarMaster("tcp://127.0.0.1:0", manifest.plan.world_size, manifest.digest, cfg.hidden_size,
-                                 manifest.dtype, cfg.num_layers, files=ShardServer(shard_dir, manifest))
+        self.master = Hub("tcp://127.0.0.1:0", manifest.plan.world_size, manifest.digest, cfg.hidden_size,
+                          manifest.dtype, cfg.num_layers, files=ShardServer(shard_dir, manifest))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
 
@@ -76,7 +77,7 @@ class _ServingMaster:
         while not self.stop.is_set():
             self.master._poll_once(0.05, None, {})
 
-    def __enter__(self) -> StarMaster:
+    def __enter__(self) -> Hub:
         self.thread.start()
         return self.master
 

@@ -240,7 +240,7 @@ def wait_refused(cluster: LocalCluster, target: int, timeout: float = 30.0) -> i
     """The master's count of refused worker-port messages, once it reaches `target` (or the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
-        refused = cluster.stats()[0]["refused_messages"]
+        refused = cluster.stats()[0].refused_messages
         if refused >= target or time.monotonic() > deadline:
             return refused
         time.sleep(0.05)  # the master drains its port between requests; this paces the asking
@@ -280,7 +280,7 @@ def test_fuzz_every_port_refused_logged_and_harmless(tiny_models, split_cache, c
         assert cluster.generate(PROMPT, NEW) == ref  # warm-up
         pids = cluster.pids
         before = rss(pids)
-        refused0 = cluster.stats()[0]["refused_messages"]
+        refused0 = cluster.stats()[0].refused_messages
         ctx = zmq.Context()
         wsock, csock = dealer(ctx, cluster.master_address), dealer(ctx, control_address(cluster))
         try:

@@ -11,7 +11,7 @@ from conftest import build_tiny
 
 from tpi import ClusterError, LocalCluster
 from tpi.config import ConfigError
-from tpi.forward import parse_bytes
+from tpi.config import parse_bytes
 from tpi.safetensors_io import StreamingWriter, read_header
 from tpi.scheduler import BlockSpec, Residency, SchedulerError, TensorRange, WeightScheduler, plan_residency
 
@@ -143,7 +143,7 @@ def test_resident_budget_reads_nothing_after_start(mid_model, split_cache):
         cluster.generate(PROMPT, max_new_tokens=16)
         after = cluster.stats()
     for a, b in zip(before, after):
-        assert b["streamed_blocks"] == 0 and b["bytes_read"] == a["bytes_read"], (a, b)
+        assert b.streamed_blocks == 0 and b.bytes_read == a.bytes_read, (a, b)
 
 
 @pytest.mark.timeout(300)
@@ -151,21 +151,21 @@ def test_resident_budget_reads_nothing_after_start(mid_model, split_cache):
 def test_streaming_is_bit_identical_to_resident(mid_model, split_cache, world_size):
     path, _ = mid_model
     logits, tokens, stats = _run(path, split_cache, world_size)
-    assert all(r["streamed_blocks"] == 0 for r in stats)
+    assert all(r.streamed_blocks == 0 for r in stats)
     for window in (1, 2, 4):
         s_logits, s_tokens, s_stats = _run(path, split_cache, world_size, window=window, stream_all=True)
         assert torch.equal(s_logits, logits) and s_tokens == tokens, f"window {window}"
         for r in s_stats:
-            assert r["pinned_blocks"] == 0 and r["window"] == window
-            assert 0 < r["max_streamed_held"] <= window
-            assert r["bytes_read"] > 10 * r["block_bytes"]  # re-read every step: 1 + 16 steps
+            assert r.pinned_blocks == 0 and r.window == window
+            assert 0 < r.max_streamed_held <= window
+            assert r.bytes_read > 10 * r.block_bytes  # re-read every step: 1 + 16 steps
     # per rank, a budget with room for the window and about half of the rank's blocks
-    budgets = [r["fixed_bytes"] + 2 * r["largest_block_bytes"] + r["block_bytes"] // 2 for r in stats]
+    budgets = [r.fixed_bytes + 2 * r.largest_block_bytes + r.block_bytes // 2 for r in stats]
     p_logits, p_tokens, p_stats = _run(path, split_cache, world_size, memory_budget=budgets)
     assert torch.equal(p_logits, logits) and p_tokens == tokens
     for r, budget in zip(p_stats, budgets):
-        assert 0 < r["pinned_blocks"] and r["streamed_blocks"] > 0, r
-        assert r["planned_bytes"] <= budget
+        assert 0 < r.pinned_blocks and r.streamed_blocks > 0, r
+        assert r.planned_bytes <= budget
 
 
 @pytest.mark.timeout(120)

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from tpi.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeConfig
-from tpi.forward import MemoryOptions, RankModel
+from tpi.options import MemoryOptions, RankOptions
+from tpi.rank_model import RankModel, open_rank_model
 from tpi.partition import make_plan
 from tpi.safetensors_io import ShardFileError, read_header
 from tpi.scheduler import read_block
@@ -434,7 +435,7 @@ def test_verify_checks_sizes_even_without_checksums(damaged, damage: str) -> Non
 
 
 def rank_model(out: Path, rank: int, verify: bool = True) -> RankModel:
-    return RankModel(out, Manifest.load(out), rank, memory=MemoryOptions(verify_shards=verify))
+    return open_rank_model(out, Manifest.load(out), rank, RankOptions(memory=MemoryOptions(verify_shards=verify)))
 
 
 def test_rank_refuses_a_flipped_byte_at_start_unless_told_not_to_verify(damaged) -> None:

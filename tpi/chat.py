@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import httpx
 
+from tpi.errors import TpiError
 
-class ChatError(RuntimeError):
+
+class ChatError(TpiError, RuntimeError):
     pass
 
 

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 import zmq
 
-from tpi.comm import collectives
 from tpi.comm.security import Curve, KeyPair
-from tpi.config import SPLIT_MODES
-from tpi.forward import MemoryOptions, parse_bytes
+from tpi.errors import TpiError
 from tpi.master import MasterOptions, master_process, report_errors
+from tpi.options import CommOptions, RankOptions, from_keywords
+from tpi.stats import Health, RankStats
 from tpi.weights import split_cached
 from tpi.worker import WorkerOptions, worker_process
 
 
-class ClusterError(RuntimeError):
+class ClusterError(TpiError, RuntimeError):
     """The cluster failed a request or could not start; the message says which rank and why."""
 
 
@@ -39,9 +39,9 @@ def _worker_entry(opts: WorkerOptions, ports, published, error_path: str) -> Non
     """Spawned worker: wait for the master to publish its port (unless opts.master is known), then serve."""
     with report_errors(error_path):
         if published is not None:
-            if not published.wait(opts.join_timeout):
+            if not published.wait(opts.comm.join_timeout):
                 raise SystemExit(f"rank {opts.rank}: the master never published its port")
-            opts = WorkerOptions(**{**opts.__dict__, "master": f"tcp://127.0.0.1:{ports[0]}"})
+            opts = dataclasses.replace(opts, master=f"tcp://127.0.0.1:{ports[0]}")
         worker_process(opts)
 
 
@@ -102,45 +102,40 @@ class RankProcesses:
 
 
 class LocalCluster:
+    """Every rank of a cluster as its own process on this machine; the caller drives the master."""
+
     def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
-                 dtype: str = "float32", *, threads: int = 1, max_context: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, step_timeout: float = 60.0,
-                 start_timeout: float = 300.0, progress: bool = False, window: int | None = None,
-                 memory_budget: int | str | Sequence[int | str | None] | None = None, drop_page_cache: bool = False,
-                 stream_all: bool = False, device: str = "cpu", gpu_memory_budget: int | str | None = None,
-                 split_mode: str = "blocks", split_ratio: float | None = None,
-                 worker_cache_dir: str | os.PathLike | None = None,
-                 lost_timeout: float = 3.0, curve: bool = False, verify_shards: bool = True,
-                 collective: str = "star", payload: str | None = None):
-        """`worker_cache_dir`: workers read no split folder but fetch their shards from the master
-        into <worker_cache_dir>/rank<R> (kept there for the next start), as on separate machines.
-        `lost_timeout`: a rank silent this long (heartbeats) is declared lost. `curve`: encrypt and
-        authenticate the links between ranks with fresh CURVE keys. `collective`: star, ring, tree, gloo
-        or auto; `payload`: partials as float32, float16, bfloat16, q8 or q8_64 (None: the model's dtype)."""
-        collectives.check_options(collective, payload)  # refuse a bad value before any process starts
-        if curve and collective != "star":
-            raise ClusterError(f"collective {collective!r} runs over links without CURVE: use the star with curve")
-        self.collective, self.payload = collective, payload
-        self.worker_cache_dir, self.lost_timeout = worker_cache_dir, lost_timeout
+                 dtype: str = "float32", *, cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                 worker_cache_dir: str | os.PathLike | None = None, curve: bool = False,
+                 options: RankOptions | None = None, comm: CommOptions | None = None, **keywords):
+        """`options` and `comm`: every rank's options (tpi/options.py); `keywords` set single fields of
+        them (options.KEYWORDS): threads, max_context, memory_budget (one for every rank, or a list
+        with one per rank), window, drop_page_cache, stream_all, verify_shards, device,
+        gpu_memory_budget, offload_mode, offload_share, offload_tune, offload_prefetch, collective
+        (star, ring, tree, gloo or auto), payload (float32, float16, bfloat16, q8 or q8_64; None: the
+        model's dtype), step_timeout, start_timeout (how long ranks wait for each other to start),
+        lost_timeout (a rank silent this long is declared lost). `worker_cache_dir`: workers read no
+        split folder but fetch their shards from the master into <worker_cache_dir>/rank<R> (kept
+        there for the next start), as on separate machines. `curve`: encrypt and authenticate the
+        links between ranks with fresh CURVE keys."""
+        self.rank_opts, self.comm = from_keywords(world_size, options, comm, **keywords)
+        if curve and self.comm.master_collective != "star":
+            raise ClusterError(f"collective {self.comm.collective!r} runs over links without CURVE: use the star "
+                               "with curve")
+        self.worker_cache_dir = worker_cache_dir
         self._keys = [KeyPair.generate() for _ in range(world_size)] if curve else None
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
-        self.threads, self.max_context, self.cache_dir = threads, max_context, cache_dir
-        self.step_timeout, self.start_timeout, self.progress = step_timeout, start_timeout, progress
-        budgets = list(memory_budget) if isinstance(memory_budget, (list, tuple)) else [memory_budget] * world_size
-        if len(budgets) != world_size:
-            raise ClusterError(f"memory_budget has {len(budgets)} values; expected one per rank, {world_size}")
-        for b in budgets:
-            parse_bytes(b)  # refuse a malformed budget here, before any process starts
-        if split_mode not in SPLIT_MODES:
-            raise ClusterError(f"split_mode={split_mode!r}: expected 'blocks' or 'rows'")
-        self.memory = [MemoryOptions(b, window, drop_page_cache, stream_all, device, gpu_memory_budget, split_mode,
-                                     split_ratio, verify_shards=verify_shards) for b in budgets]
+        self.cache_dir, self.progress = cache_dir, progress
         self.shard_dir: Path | None = None
         self.ranks: RankProcesses | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self.master_address: str | None = None
         self._rid = 0
+
+    @property
+    def start_timeout(self) -> float:
+        return self.comm.join_timeout
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -161,33 +156,32 @@ class LocalCluster:
         self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
                                       self.cache_dir, self.progress)
         self.ranks = RankProcesses()
-        if self.world_size > 1:  # ranks that measure the CPU/GPU split's rates do it together: they share this host
-            self.memory = [dataclasses.replace(m, measure_peers=(self.ranks.err_dir, self.world_size))
-                           for m in self.memory]
+        if self.world_size > 1:  # ranks that measure the CPU/GPU offload do it together: they share this host
+            self.rank_opts = [dataclasses.replace(o, peers=(self.ranks.err_dir, self.world_size))
+                              for o in self.rank_opts]
         self._spawn_master("tcp://127.0.0.1:0")
         for rank in range(1, self.world_size):  # they start while the master loads: they wait for its port
             self.ranks.spawn_worker(self._worker_options(rank, ""), self._ports, self._published)
         self._connect(watch_all=True)
 
-    def _curve(self, rank: int) -> Curve | None:
+    def _comm(self, rank: int) -> CommOptions:
+        """Rank `rank`'s communication options: with `curve`, its own keys and its peers' public keys."""
         if self._keys is None:
-            return None
+            return self.comm
         if rank == 0:
-            return Curve(self._keys[0], allowed=tuple(k.public for k in self._keys[1:]))
-        return Curve(self._keys[rank], master_public=self._keys[0].public)
+            curve = Curve(self._keys[0], allowed=tuple(k.public for k in self._keys[1:]))
+        else:
+            curve = Curve(self._keys[rank], master_public=self._keys[0].public)
+        return dataclasses.replace(self.comm, curve=curve)
 
     def _worker_options(self, rank: int, master: str) -> WorkerOptions:
         fetch_dir = None if self.worker_cache_dir is None else os.path.join(self.worker_cache_dir, f"rank{rank}")
-        return WorkerOptions(master, rank, None if fetch_dir else str(self.shard_dir), self.threads, self.max_context,
-                             self.step_timeout, self.start_timeout, parent_pid=os.getpid(), memory=self.memory[rank],
-                             cache_dir=fetch_dir, lost_timeout=self.lost_timeout, curve=self._curve(rank))
+        return WorkerOptions(master, rank, None if fetch_dir else str(self.shard_dir), self.rank_opts[rank],
+                             self._comm(rank), parent_pid=os.getpid(), cache_dir=fetch_dir)
 
     def _spawn_master(self, bind: str) -> None:
         self._ports, self._published = self.ranks.ctx.Array("i", 2), self.ranks.ctx.Event()
-        mopts = MasterOptions(str(self.shard_dir), bind, threads=self.threads, max_context=self.max_context,
-                              step_timeout=self.step_timeout, join_timeout=self.start_timeout, parent_pid=os.getpid(),
-                              memory=self.memory[0], lost_timeout=self.lost_timeout, curve=self._curve(0),
-                              collective=self.collective, payload=self.payload)
+        mopts = MasterOptions(str(self.shard_dir), bind, self.rank_opts[0], self._comm(0), parent_pid=os.getpid())
         self.ranks.spawn(0, master_process, mopts, self._ports, self._published)
 
     def _connect(self, watch_all: bool) -> None:
@@ -208,11 +202,10 @@ class LocalCluster:
         self._request({"op": "ready"}, timeout=self.start_timeout, watch_all=watch_all)
 
     # -- faults --------------------------------------------------------------------------------------
-    def health(self) -> dict:
-        """As the master sees it: {"missing": worker ranks not connected now, "reasons": {rank: why},
-        "pids": {rank: process id} of the connected ones}."""
+    def health(self) -> Health:
+        """As the master sees it: the worker ranks not connected now and why, the connected ones' pids."""
         event, _ = self._request({"op": "health"})
-        return {"missing": event["missing"], "reasons": event["reasons"], "pids": event["pids"]}
+        return Health.from_dict(event)
 
     def restart_worker(self, rank: int, timeout: float | None = None) -> None:
         """Kill worker `rank` if it still runs, start a new process for it, and wait until it has
@@ -223,7 +216,7 @@ class LocalCluster:
         self.ranks.spawn_worker(self._worker_options(rank, self.master_address))
         pid = self.ranks.procs[rank].pid
         deadline = time.monotonic() + (timeout or self.start_timeout)
-        while self.health()["pids"].get(str(rank)) != pid:
+        while self.health().pids.get(rank) != pid:
             self.ranks.check([rank])
             if time.monotonic() > deadline:
                 raise ClusterError(f"rank {rank} did not rejoin within {timeout or self.start_timeout:.0f}s")
@@ -271,7 +264,7 @@ class LocalCluster:
             raise ClusterError("the cluster is not running: use it inside `with LocalCluster(...)` or call start()")
         self._rid += 1
         self._sock.send(msgpack.packb({**req, "rid": self._rid}))
-        limit = timeout or self.step_timeout * 2 + 30
+        limit = timeout or self.comm.step_timeout * 2 + 30
         while True:
             deadline = time.monotonic() + limit
             while not self._sock.poll(200):
@@ -291,10 +284,10 @@ class LocalCluster:
     def _request(self, req: dict, timeout: float | None = None, watch_all: bool = False) -> tuple[dict, list]:
         return next(iter(self._events(req, timeout, watch_all)))
 
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[RankStats]:
         """One record per rank, master first: peak_rss_bytes (VmHWM), bytes_read, stall_s, compute_s,
-        allreduce_s since start, and the residency (pinned and streamed blocks, window)."""
-        return self._request({"op": "stats"})[0]["ranks"]
+        allreduce_s since start, the residency (pinned and streamed blocks, window), the offload."""
+        return [RankStats.from_wire(r) for r in self._request({"op": "stats"})[0]["ranks"]]
 
     def forward(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Prefill logits of a fresh sequence: float32 [len(input_ids), vocab]."""

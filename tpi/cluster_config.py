@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpi.comm.security import check_public_key
 from tpi.config import ConfigError, ModelConfig, parse_bytes
+from tpi.options import Collective, DType, PayloadName
 
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
@@ -139,14 +139,14 @@ class ClusterConfig(_Strict):
 
     name: str = "cluster"
     model: str = "embedded"  # a HF checkpoint folder on the master, or "embedded" (SmolLM2-135M-Instruct)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     window: int | None = Field(None, ge=1)  # streamed blocks held at once on every rank
     max_context: int | None = Field(None, ge=1)
     step_timeout: float = Field(60.0, gt=0)
     join_timeout: float = Field(300.0, gt=0)
     link: Link | None = None  # emulated link (tpi emulate, docker-compose); ignored by tpi launch
-    collective: Literal["star", "ring", "tree", "gloo", "auto"] = "star"  # the allreduce (README: collectives)
-    payload: Literal["float32", "float16", "bfloat16", "q8", "q8_64"] | None = None  # None: the model's dtype
+    collective: Collective = "star"  # the allreduce (README: collectives)
+    payload: PayloadName | None = None  # None: the model's dtype
     master: MasterSpec = MasterSpec()
     workers: list[WorkerSpec] = []
     security: Security = Security()

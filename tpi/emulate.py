@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from tpi.cluster_config import ClusterConfig, Link
+from tpi.errors import TpiError
 from tpi.launch import Launcher, NodeCommand, node_commands
 
 PREFIX = "tpe"  # every name this module makes: tpe<pid><letter>-...
@@ -55,7 +56,7 @@ _seq = 0
 _active: set[str] = set()  # tags of this process's live emulations
 
 
-class EmulateError(RuntimeError):
+class EmulateError(TpiError, RuntimeError):
     """The emulated cluster cannot be built here; the message says what is missing."""
 
 

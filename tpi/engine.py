@@ -15,13 +15,21 @@ from pathlib import Path
 
 import torch
 
-from tpi.comm.base import Communicator
+from tpi.comm.base import Communicator, ControlPlane
 from tpi.comm.wire import Kind, Message
-from tpi.forward import PREFILL_CHUNK, MemoryOptions, RankModel, run_layers
+from tpi.errors import TpiError
+from tpi.forward import logits, run_layers
+from tpi.options import RankOptions
+from tpi.rank_model import PREFILL_CHUNK, open_rank_model
 from tpi.sampling import SamplingParams, sample
+from tpi.stats import RankStats
 from tpi.weights import Manifest
 
 TokenCallback = Callable[[list[int], str], None]
+
+
+class RequestError(TpiError, ValueError):
+    """A request the engine cannot serve as given; the message names the value."""
 
 
 @dataclass
@@ -35,14 +43,16 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, shard_dir: str | Path, manifest: Manifest, comm: Communicator,
-                 max_context: int | None = None, memory: MemoryOptions | None = None, threads: int = 1):
+    """Rank 0's generation over `comm`, the master's end of the cluster (allreduce and control)."""
+
+    def __init__(self, shard_dir: str | Path, manifest: Manifest, comm: Communicator | ControlPlane,
+                 opts: RankOptions | None = None):
         self.shard_dir, self.manifest, self.comm = Path(shard_dir), manifest, comm
         self.cfg = manifest.config
         self._tokenizer = None
         if self._has_tokenizer():
             self._tokenizer = self._load_tokenizer()  # before the weights, so the memory budget counts it
-        self.model = RankModel(shard_dir, manifest, 0, max_context, memory=memory or MemoryOptions(), threads=threads)
+        self.model = open_rank_model(shard_dir, manifest, 0, opts or RankOptions())
         gen_eos = manifest.raw.get("generation", {}).get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(self.cfg.eos_token_ids) | set(gen_eos)
@@ -75,12 +85,12 @@ class Engine:
     def _check_ids(self, ids: Sequence[int], extra: int) -> list[int]:
         ids = [int(i) for i in ids]
         if not ids:
-            raise ValueError("input_ids is empty: expected at least one token id")
+            raise RequestError("input_ids is empty: expected at least one token id")
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(ids) + extra > self.max_context:
-            raise ValueError(f"{len(ids)} prompt tokens + {extra} new tokens exceed the maximum context "
+            raise RequestError(f"{len(ids)} prompt tokens + {extra} new tokens exceed the maximum context "
                              f"of {self.max_context} tokens")
         return ids
 
@@ -94,18 +104,19 @@ class Engine:
             x = self.model.embed(ids)  # [L, D]
             self.comm.broadcast(Message(Kind.STEP, seq, step, start=start, length=len(ids), tensor=x))
             h = run_layers(self.model, self.comm, x, seq, step, start)
-            return self.model.logits(h if every_row else h[-1:])
+            return logits(self.model, h if every_row else h[-1:])
         finally:
             self.model.busy_s += time.perf_counter() - t0
             self.model.steps += 1
 
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[RankStats]:
         """One record per rank (master first): peak RSS, bytes read, stall, compute, allreduce."""
-        records = [self.model.stats(self.comm)]
-        gather = getattr(self.comm, "gather_stats", None)
-        if gather is not None:
-            records += [info for _, info in sorted(gather().items())]
-        return records
+        return [self.local_stats(), *self.comm.gather_stats()]
+
+    def local_stats(self) -> RankStats:
+        """Rank 0's own record (no round trip to the workers)."""
+        timing = self.comm.timing
+        return self.model.stats(timing.seconds, timing.calls, self.comm.refused)
 
     def close(self) -> None:
         self.model.close()
@@ -149,7 +160,7 @@ class Engine:
                  ignore_eos: bool = False) -> GenerationResult:
         """Prefill `ids`, then decode until EOS (unless `ignore_eos`), a stop string or `max_new_tokens`."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+            raise RequestError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
         ids = self._check_ids(ids, max_new_tokens)
         params = params or SamplingParams()
         stop = [s for s in stop if s]

@@ -1,11 +1,10 @@
 """Workers need no model of their own: they fetch their shard files from the master.
 
-Owns: ``ShardServer`` (the master's side: answers GET_MANIFEST and GET_CHUNK from its split
-folder, only with byte ranges of the asking rank's own files) and ``fetch_shards`` (the worker's
-side: asks for the manifest, keeps cached files whose sha256 matches it, downloads the others in
-pipelined chunks into ``*.part`` files that a later start resumes, checks each against the
-manifest's sha256, and writes the manifest last). Messages travel on the master's worker port,
-as the same validated wire messages as the collective. Does not know: the model, the collective.
+Owns: ``fetch_shards``, the worker's side of the fetch: it asks for the manifest, keeps cached
+files whose sha256 matches it, downloads the others in pipelined chunks into ``*.part`` files
+that a later start resumes, checks each against the manifest's sha256, and writes the manifest
+last. Messages travel on the master's worker port, as the same validated wire messages as the
+collective; the master's side is comm/files.py. Does not know: the model, the collective.
 """
 
 from __future__ import annotations
@@ -21,58 +20,16 @@ from pathlib import Path
 import zmq
 
 from tpi.comm.base import CommError
+from tpi.comm.files import CHUNK_BYTES
 from tpi.comm.security import Curve, secure_client
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, WireError, decode, encode
 from tpi.weights import Manifest, sha256_file
 
 log = logging.getLogger("tpi.fetch")
 
-CHUNK_BYTES = 1 << 20
 IN_FLIGHT = 8  # chunks requested ahead: hides the link's round trip
 MAX_MANIFEST_BYTES = 16 << 20
 _REL = re.compile(r"rank[0-9]+/[A-Za-z0-9_.\-]+")
-
-
-class ShardServer:
-    """The master's split folder, served by byte range to the ranks it belongs to."""
-
-    def __init__(self, shard_dir: str | os.PathLike, manifest: Manifest):
-        self.dir = Path(shard_dir)
-        self.manifest_bytes = (self.dir / "manifest.json").read_bytes()
-        self.manifest = manifest
-        self.world_size = manifest.plan.world_size
-        self.bytes_sent = 0
-
-    def answer(self, msg: Message) -> Message:
-        """The reply to a GET_MANIFEST or GET_CHUNK: MANIFEST, CHUNK, or REFUSE with the reason."""
-        info = msg.info
-        if info.get("protocol") != PROTOCOL_VERSION:
-            return _refuse(f"protocol version {info.get('protocol')!r} of the worker does not match the "
-                           f"master's {PROTOCOL_VERSION}")
-        rank = info.get("rank")
-        if not isinstance(rank, int) or not 1 <= rank < self.world_size:
-            return _refuse(f"rank {rank!r} is not a worker rank of this cluster (1..{self.world_size - 1})")
-        if msg.kind == Kind.GET_MANIFEST:
-            return Message(Kind.MANIFEST, info={"digest": self.manifest.digest, "protocol": PROTOCOL_VERSION},
-                           data=self.manifest_bytes)
-        rel, offset, size = info.get("file"), info.get("offset"), info.get("size")
-        entry = self.manifest.rank_files(rank).get(rel) if isinstance(rel, str) else None
-        if entry is None:
-            return _refuse(f"file {rel!r} is not one of rank {rank}'s shard files")
-        if (not isinstance(offset, int) or not isinstance(size, int) or not 0 < size <= CHUNK_BYTES
-                or offset < 0 or offset + size > entry["size"]):
-            return _refuse(f"byte range offset={offset!r} size={size!r} is outside {rel} ({entry['size']} bytes) "
-                           f"or larger than {CHUNK_BYTES}")
-        with open(self.dir / rel, "rb") as f:
-            data = os.pread(f.fileno(), size, offset)
-        if len(data) != size:
-            return _refuse(f"the master's {rel} is shorter than its manifest says; split again")
-        self.bytes_sent += size
-        return Message(Kind.CHUNK, info={"file": rel, "offset": offset}, data=data)
-
-
-def _refuse(reason: str) -> Message:
-    return Message(Kind.REFUSE, info={"reason": reason[:1000]})
 
 
 @dataclass(frozen=True)

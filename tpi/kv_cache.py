@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from tpi.errors import TpiError
 
-class CacheError(RuntimeError):
+
+class CacheError(TpiError, RuntimeError):
     """No free slot, or a sequence beyond the configured maximum context."""
 
 

@@ -9,6 +9,7 @@ threads, files. Weights arrive as dicts of tensors named as in the block files (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +62,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-def _linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    weight = w[f"{name}.weight"]
-    if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight, w.get(f"{name}.bias"))
-    return weight(x)  # a weight that computes itself (CPU/GPU split, see hetero.py)
+def dense(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+    """Projection `name` of block `w` on x [L, in] -> [L, out], bias included: the ``linear``
+    every function here uses unless it is handed another (the CPU/GPU offload's, which divides
+    the rows, see offload/offloader.py)."""
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+Linear = Callable[[torch.Tensor, Weights, str], torch.Tensor]
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
@@ -78,7 +82,8 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch
 
 
 def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int, cfg: ModelConfig,
-                      rope: tuple[torch.Tensor, torch.Tensor], window: int | None) -> torch.Tensor:
+                      rope: tuple[torch.Tensor, torch.Tensor], window: int | None, linear: Linear = dense
+                      ) -> torch.Tensor:
     """This rank's share of self-attention for tokens at positions [start, start + L).
 
     x [L, D] is the layer input (residual stream); rope is (cos, sin) [L, hd] for those positions,
@@ -86,9 +91,9 @@ def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int
     """
     L, hd = x.shape[0], cfg.head_dim
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    q = _linear(h, w, "q_proj").view(L, -1, hd).transpose(0, 1)  # [Hq, L, hd]
-    k = _linear(h, w, "k_proj").view(L, -1, hd).transpose(0, 1)  # [Hkv, L, hd]
-    v = _linear(h, w, "v_proj").view(L, -1, hd).transpose(0, 1)
+    q = linear(h, w, "q_proj").view(L, -1, hd).transpose(0, 1)  # [Hq, L, hd]
+    k = linear(h, w, "k_proj").view(L, -1, hd).transpose(0, 1)  # [Hkv, L, hd]
+    v = linear(h, w, "v_proj").view(L, -1, hd).transpose(0, 1)
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm.weight"], cfg.rms_norm_eps)
@@ -103,10 +108,15 @@ def attention_partial(x: torch.Tensor, w: Weights, cache: LayerCache, start: int
     out = F.scaled_dot_product_attention(q.to(dev), keys, values, attn_mask=mask, scale=hd**-0.5,
                                          enable_gqa=q.shape[0] != keys.shape[0])  # [Hq, L, hd]
     out = out.transpose(0, 1).reshape(L, -1).to(x.device)
-    return _linear(out, w, "o_proj")
+    return linear(out, w, "o_proj")
 
 
-def ffn_partial(x: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
+def ffn_partial(x: torch.Tensor, w: Weights, cfg: ModelConfig, linear: Linear = dense) -> torch.Tensor:
     """This rank's share of the SwiGLU FFN over its intermediate columns; x [L, D] -> [L, D]."""
     h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    return _linear(F.silu(_linear(h, w, "gate_proj")) * _linear(h, w, "up_proj"), w, "down_proj")
+    return linear(F.silu(linear(h, w, "gate_proj")) * linear(h, w, "up_proj"), w, "down_proj")
+
+
+def lm_head(x: torch.Tensor, w: Weights, linear: Linear = dense) -> torch.Tensor:
+    """Logits of the vocabulary rows an LM-head chunk holds: x [L, D] (normed) -> [L, rows]."""
+    return linear(x, w, "lm_head")

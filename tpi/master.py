@@ -22,11 +22,11 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tpi.comm.base import SingleRank
-from tpi.comm.security import Curve
-from tpi.comm.zmq_star import StarMaster
-from tpi.engine import Engine, GenerationResult
-from tpi.fetch import ShardServer
-from tpi.forward import MemoryOptions
+from tpi.comm.files import ShardServer
+from tpi.comm.hub import Hub
+from tpi.engine import Engine, GenerationResult, RequestError
+from tpi.errors import TpiError
+from tpi.options import CommOptions, RankOptions
 from tpi.sampling import SamplingParams
 from tpi.weights import Manifest
 
@@ -37,16 +37,9 @@ log = logging.getLogger("tpi.master")
 class MasterOptions:
     shard_dir: str
     bind: str = "tcp://127.0.0.1:0"  # where workers connect
-    threads: int = 1
-    max_context: int | None = None
-    step_timeout: float = 60.0
-    join_timeout: float = 300.0
+    rank_opts: RankOptions = field(default_factory=RankOptions)
+    comm: CommOptions = field(default_factory=CommOptions)
     parent_pid: int | None = None
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
-    lost_timeout: float = 3.0  # heartbeats: a worker silent this long is declared lost
-    curve: Curve | None = None  # CURVE keys: ours and the workers' allowed public keys
-    collective: str = "star"  # the allreduce: star, ring, tree, gloo, or auto (by the measured links)
-    payload: str | None = None  # partials on the wire: float32, float16, bfloat16, q8, q8_64; None: the model's dtype
 
 
 class MasterNode:
@@ -54,37 +47,20 @@ class MasterNode:
 
     def __init__(self, opts: MasterOptions):
         self.opts = opts
-        torch.set_num_threads(opts.threads)
+        torch.set_num_threads(opts.rank_opts.threads)
         self.manifest = Manifest.load(opts.shard_dir)
         cfg, world = self.manifest.config, self.manifest.plan.world_size
-        self.comm = SingleRank() if world == 1 else StarMaster(
-            opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers,
-            opts.step_timeout, files=ShardServer(opts.shard_dir, self.manifest), lost_timeout=opts.lost_timeout,
-            curve=opts.curve, collective=opts.collective, payload=opts.payload)
-        self.address = getattr(self.comm, "address", None)
+        self.comm = SingleRank() if world == 1 else Hub(
+            opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers, opts.comm,
+            files=ShardServer(opts.shard_dir, self.manifest))
+        self.address = self.comm.address
         self.engine: Engine | None = None
 
     def start(self, check: Callable[[], None] | None = None) -> Engine:
         """Load rank 0's weights, then wait for the workers (calling `check` while waiting)."""
-        self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.max_context,
-                             self.opts.memory, self.opts.threads)
-        if isinstance(self.comm, StarMaster):
-            self.comm.wait_for_workers(self.opts.join_timeout, check)
+        self.engine = Engine(self.opts.shard_dir, self.manifest, self.comm, self.opts.rank_opts)
+        self.comm.wait_for_workers(self.opts.comm.join_timeout, check)
         return self.engine
-
-    def poll_idle(self, timeout: float = 0.0) -> None:
-        """Between requests: let workers join, rejoin and fetch shards, and notice lost ones."""
-        poll = getattr(self.comm, "poll_idle", None)
-        if poll is not None:
-            poll(timeout)
-
-    def health(self) -> dict:
-        """Which worker ranks are missing (never joined or lost) and why."""
-        comm = self.comm
-        missing = getattr(comm, "missing", [])
-        lost = getattr(comm, "lost", {})
-        pids = {str(r): pid for r, pid in getattr(comm, "pids", {}).items() if r not in missing}
-        return {"missing": missing, "reasons": {str(r): lost.get(r, "not joined") for r in missing}, "pids": pids}
 
     def close(self) -> None:
         self.comm.close()
@@ -122,7 +98,7 @@ def pack(obj: dict[str, Any]) -> bytes:
 Reply = Callable[..., None]
 
 
-def _serve_request(engine: Engine, reply: Reply, req: dict, node_health: dict) -> None:
+def _serve_request(engine: Engine, reply: Reply, req: dict) -> None:
     op = req.get("op")
     if op == "forward":
         r = ForwardRequest.model_validate(req)
@@ -139,13 +115,13 @@ def _serve_request(engine: Engine, reply: Reply, req: dict, node_health: dict) -
         reply({"event": "done", "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
                "prompt_tokens": res.prompt_tokens, "ttft_s": res.ttft_s, "decode_s": res.decode_s})
     elif op == "stats":
-        reply({"event": "stats", "ranks": engine.stats()})
+        reply({"event": "stats", "ranks": [r.to_wire() for r in engine.stats()]})
     elif op == "ready":
         reply({"event": "ready"})
     elif op == "health":
-        reply({"event": "health", **node_health})
+        reply({"event": "health", **engine.comm.health().to_dict()})
     else:
-        raise ValueError(f"unknown op {str(op)[:80]!r}")
+        raise RequestError(f"unknown op {str(op)[:80]!r}")
 
 
 def master_process(opts: MasterOptions, ports, published: threading.Event, error_path: str) -> None:
@@ -171,9 +147,15 @@ def master_process(opts: MasterOptions, ports, published: threading.Event, error
 
 @contextmanager
 def report_errors(path: str) -> Iterator[None]:
-    """Write a fatal error's text to `path`, where the owner of this process can read it."""
+    """Write a fatal error's text to `path`, where the owner of this process reads it (and says it).
+    An error tpi explains (TpiError) ends the process with code 1 and no traceback; anything else
+    is a bug and keeps its traceback."""
     try:
         yield
+    except TpiError as e:
+        with open(path, "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
     except BaseException as e:
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             with open(path, "w") as f:
@@ -193,7 +175,7 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
         if parent_pid is not None and os.getppid() != parent_pid:
             return  # the owner is gone
         if engine is not None:
-            node.poll_idle()
+            node.comm.poll_idle()
         if not sock.poll(50 if engine is not None else 500):
             continue
         frames = sock.recv_multipart()
@@ -214,13 +196,17 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
 
         try:
             if not isinstance(req, dict):
-                raise ValueError("a control request must be a map")
+                raise RequestError("a control request must be a map")
             if req.get("op") == "shutdown":
                 reply({"event": "bye"})
                 return
             if engine is None:
-                engine = node.start()  # loads rank 0's weights and waits for the workers
-            _serve_request(engine, reply, req, node.health() if req.get("op") == "health" else {})
+                try:
+                    engine = node.start()  # loads rank 0's weights and waits for the workers
+                except TpiError as e:  # the owner says it; this master cannot serve
+                    reply({"event": "error", "type": type(e).__name__, "message": str(e)})
+                    return
+            _serve_request(engine, reply, req)
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
@@ -228,5 +214,8 @@ def _control_loop(node: MasterNode, sock: zmq.Socket, parent_pid: int | None) ->
             log.warning("refused a control request: %s", message)
             reply({"event": "error", "type": "ValueError", "message": message})
         except Exception as e:  # reported to the owner, who raises it; the master stays up
-            log.warning("request failed: %s", e)
+            if isinstance(e, TpiError):
+                log.warning("request failed: %s", e)
+            else:  # a bug: its traceback in the log
+                log.exception("request failed")
             reply({"event": "error", "type": type(e).__name__, "message": str(e)})

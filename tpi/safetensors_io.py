@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import torch
 
+from tpi.errors import TpiError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,7 +27,7 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class ShardFileError(ValueError):
+class ShardFileError(TpiError, ValueError):
     """A safetensors file that is malformed, truncated or lacks a tensor; the message names it."""
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tpi.config import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,11 +23,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: expected a finite number >= 0")
+            raise ConfigError(f"temperature={self.temperature}: expected a finite number >= 0")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k}: expected an integer >= 1")
+            raise ConfigError(f"top_k={self.top_k}: expected an integer >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: expected a number in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p}: expected a number in (0, 1]")
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.config import ConfigError
+from tpi.errors import TpiError
 from tpi.safetensors_io import ShardFileError, pread_into
 
 ALIGN = 64  # each tensor starts on a 64-byte boundary, as torch's own allocations do
@@ -62,7 +63,7 @@ class Residency:
     planned_bytes: int  # fixed + pinned + window buffers
 
 
-class SchedulerError(RuntimeError):
+class SchedulerError(TpiError, RuntimeError):
     pass
 
 
@@ -133,6 +134,7 @@ def plan_residency(blocks: list[BlockSpec], budget: int | None, fixed: int, wind
 
 @dataclass
 class Counters:
+    """What streaming cost since start (pinned blocks, read once at start, are not counted)."""
     bytes_read: int = 0
     stall_s: float = 0.0
     loads: int = 0
@@ -285,7 +287,9 @@ class WeightScheduler:
         fd = self._fd(block.path)
         out = self._views(block, buffer) if buffer is not None else _fresh(block, self.pin_memory)
         _fill(fd, block, out)
-        if self.drop and buffer is not None:
+        if buffer is None:  # a pinned block, read once at start: not the rank's work per token
+            return out
+        if self.drop:
             for t in block.tensors:
                 os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
         self.counters.bytes_read += sum(t.nbytes for t in block.tensors)

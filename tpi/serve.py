@@ -9,6 +9,7 @@ details.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -17,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpi.cluster import RankProcesses
-from tpi.comm.security import Curve
-from tpi.forward import MemoryOptions
 from tpi.master import MasterNode, MasterOptions
+from tpi.options import CommOptions, RankOptions
 from tpi.serving import EngineThread
 from tpi.weights import split_cached
 from tpi.worker import WorkerOptions
@@ -41,15 +41,8 @@ class ServeOptions:
     api_key: str | None = None
     model_name: str | None = None
     queue_size: int = 16
-    threads: int = 1
-    max_context: int | None = None
-    step_timeout: float = 60.0
-    join_timeout: float = 300.0
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
-    lost_timeout: float = 3.0
-    curve: Curve | None = None  # with wait_for_workers: CURVE keys for the workers' links
-    collective: str = "star"  # see MasterOptions
-    payload: str | None = None
+    rank_opts: RankOptions = field(default_factory=RankOptions)  # every rank's, the master's included
+    comm: CommOptions = field(default_factory=CommOptions)  # its curve: with wait_for_workers only
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -69,20 +62,16 @@ def serve(opts: ServeOptions) -> None:
 
     shard_dir = opts.shards or str(split_cached(opts.model, opts.world_size, opts.ratios, opts.dtype))
     bind = opts.bind if opts.wait_for_workers else "tcp://127.0.0.1:0"
-    node = MasterNode(MasterOptions(shard_dir, bind, opts.threads, opts.max_context, opts.step_timeout,
-                                    opts.join_timeout, memory=opts.memory, lost_timeout=opts.lost_timeout,
-                                    curve=opts.curve if opts.wait_for_workers else None,
-                                    collective=opts.collective, payload=opts.payload))
+    comm = opts.comm if opts.wait_for_workers else dataclasses.replace(opts.comm, curve=None)
+    node = MasterNode(MasterOptions(shard_dir, bind, opts.rank_opts, comm))
     world = node.manifest.plan.world_size
     ranks = RankProcesses()
     engine_thread = None
     try:
         if world > 1 and not opts.wait_for_workers:
             for rank in range(1, world):
-                wopts = WorkerOptions(node.address, rank, shard_dir, opts.threads, opts.max_context,
-                                      opts.step_timeout, opts.join_timeout, parent_pid=os.getpid(),
-                                      memory=opts.memory, lost_timeout=opts.lost_timeout)
-                ranks.spawn_worker(wopts)
+                ranks.spawn_worker(WorkerOptions(node.address, rank, shard_dir, opts.rank_opts,
+                                                 dataclasses.replace(comm, collective=None), parent_pid=os.getpid()))
         elif world > 1:
             print(f"waiting for {world - 1} worker(s) at {node.address}; start each with\n"
                   f"  tpi worker --master tcp://THIS_HOST:{node.address.rsplit(':', 1)[1]} --rank K\n"

@@ -133,11 +133,11 @@ class _RankCollector:
         try:
             ranks = self.et.call(self.et.engine.stats).result(timeout=10)
         except Exception:
-            ranks = [self.et.engine.model.stats(self.et.engine.comm)]
-        lost = getattr(self.et.engine.comm, "lost", {})
+            ranks = [self.et.engine.local_stats()]
+        missing = self.et.engine.comm.health().missing
         up = GaugeMetricFamily("tpi_rank_up", "1 when the rank is connected", labels=["rank"])
         for r in range(self.world_size):
-            up.add_metric([str(r)], 0 if r in lost else 1)
+            up.add_metric([str(r)], 0 if r in missing else 1)
         yield up
         families = {
             "rss": GaugeMetricFamily("tpi_rss_bytes", "resident set size", labels=["rank"]),
@@ -149,13 +149,13 @@ class _RankCollector:
         }
         allreduce = SummaryMetricFamily("tpi_allreduce_seconds", "allreduce latency", labels=["rank"])
         for rec in ranks:
-            rank = [str(rec["rank"])]
-            families["rss"].add_metric(rank, rec["rss_bytes"])
-            families["peak"].add_metric(rank, rec["peak_rss_bytes"])
-            families["read"].add_metric(rank, rec["bytes_read"])
-            families["stall"].add_metric(rank, rec["stall_s"])
-            families["compute"].add_metric(rank, rec["compute_s"])
-            allreduce.add_metric(rank, rec["allreduce_calls"], rec["allreduce_s"])
+            rank = [str(rec.rank)]
+            families["rss"].add_metric(rank, rec.rss_bytes)
+            families["peak"].add_metric(rank, rec.peak_rss_bytes)
+            families["read"].add_metric(rank, rec.bytes_read)
+            families["stall"].add_metric(rank, rec.stall_s)
+            families["compute"].add_metric(rank, rec.compute_s)
+            allreduce.add_metric(rank, rec.allreduce_calls, rec.allreduce_s)
         yield from families.values()
         yield allreduce
 
@@ -203,12 +203,11 @@ def create_app(engine_thread: EngineThread, model_name: str, api_key: str | None
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        comm = engine.comm
-        lost, hosts = dict(getattr(comm, "lost", {})), getattr(comm, "hosts", {})
-        missing = list(getattr(comm, "missing", sorted(lost)))
-        workers = [{"rank": r, "connected": r not in missing, "host": hosts.get(r),
-                    **({"reason": lost.get(r, "not joined")} if r in missing else {})} for r in range(1, world_size)]
-        ok = not missing
+        h = engine.comm.health()
+        missing = list(h.missing)
+        workers = [{"rank": r, "connected": r not in missing, "host": h.hosts.get(r),
+                    **({"reason": h.reasons[r]} if r in missing else {})} for r in range(1, world_size)]
+        ok = h.ok
         body = {"status": "ok" if ok else "degraded", "ready": ok, "world_size": world_size, "workers": workers,
                 "missing_ranks": missing, "queue": {"waiting": engine_thread.waiting,
                                                          "running": int(engine_thread.running is not None)}}

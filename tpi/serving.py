@@ -132,12 +132,10 @@ class EngineThread:
 
     def _poll_idle(self) -> None:
         """No request: the master's socket still needs a listener (joins, rejoins, lost workers)."""
-        poll = getattr(self.engine.comm, "poll_idle", None)
-        if poll is not None:
-            try:
-                poll(0.0)
-            except Exception as e:  # never let the listener end the engine thread
-                log.warning("while idle: %s", e)
+        try:
+            self.engine.comm.poll_idle(0.0)
+        except Exception as e:  # never let the listener end the engine thread
+            log.warning("while idle: %s", e)
 
     def _service_calls(self) -> None:
         while True:

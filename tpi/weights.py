@@ -383,7 +383,7 @@ def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: in
     """The master's head file: (embedding info, norm info, path, LM-head row chunks).
 
     Each chunk is a block of at most `chunk_bytes` holding rows [a, b) of the LM head (the
-    embedding table when tied), named "weight"; (spec, a, b) per chunk.
+    embedding table when tied), named "lm_head.weight"; (spec, a, b) per chunk.
     """
     path = _checked_path(shard_dir, manifest, block_file(0, None, "head"))
     header = _checked_header(path, manifest, 0, None, "head")
@@ -393,7 +393,7 @@ def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: in
     chunks = []
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        t = TensorRange("weight", head.dtype, (b - a, *head.shape[1:]), head.start + a * head.row_bytes,
+        t = TensorRange("lm_head.weight", head.dtype, (b - a, *head.shape[1:]), head.start + a * head.row_bytes,
                         (b - a) * head.row_bytes)
         chunks.append((BlockSpec((None, "head", len(chunks)), str(path), (t,)), a, b))
     return header["embed_tokens.weight"], header["norm.weight"], str(path), chunks

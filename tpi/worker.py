@@ -20,12 +20,13 @@ import torch
 
 from tpi.comm import collectives
 from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted
-from tpi.comm.security import Curve
+from tpi.comm.spoke import Spoke
 from tpi.comm.wire import Kind
-from tpi.comm.zmq_star import StarWorker
 from tpi.fetch import fetch_shards
-from tpi.forward import MemoryOptions, RankModel, run_layers
+from tpi.forward import run_layers
 from tpi.kv_cache import CacheError
+from tpi.options import CommOptions, RankOptions
+from tpi.rank_model import RankModel, open_rank_model
 from tpi.weights import Manifest, cache_root
 
 log = logging.getLogger("tpi.worker")
@@ -36,48 +37,42 @@ class WorkerOptions:
     master: str  # tcp://host:port
     rank: int
     shard_dir: str | None  # a split folder; None: fetch this rank's files from the master into cache_dir
-    threads: int = 1
-    max_context: int | None = None
-    step_timeout: float = 60.0
-    join_timeout: float = 300.0
+    rank_opts: RankOptions = field(default_factory=RankOptions)
+    comm: CommOptions = field(default_factory=CommOptions)
     parent_pid: int | None = None  # exit when this process is gone (LocalCluster children)
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
     cache_dir: str | None = None  # where fetched shards are kept (default: <tpi cache>/fetched/rank<R>)
     progress: bool = False  # a progress bar while fetching
-    lost_timeout: float = 3.0  # heartbeats: the master silent this long counts as gone
     rejoin_timeout: float | None = None  # after losing the master, try to rejoin this long (None: forever)
-    curve: Curve | None = None  # CURVE keys: our pair and the master's public key
-    collective: str | None = None  # None: follow the master's choice; "star": open no link port; else insist
     collective_host: str | None = None  # where peers reach this worker's link (default: its route to the master)
 
 
 def serve(opts: WorkerOptions) -> None:
     """Load this rank's shard, join the master and serve steps until SHUTDOWN or a lost master."""
-    torch.set_num_threads(opts.threads)
+    comm_opts, rank_opts = opts.comm, opts.rank_opts
+    torch.set_num_threads(rank_opts.threads)
     shard_dir, fetched = opts.shard_dir, None
     if shard_dir is None:
         fetched = fetch_shards(opts.master, opts.rank, opts.cache_dir or cache_root() / "fetched" / f"rank{opts.rank}",
-                               opts.join_timeout, opts.step_timeout, opts.progress, opts.curve)
+                               comm_opts.join_timeout, comm_opts.step_timeout, opts.progress, comm_opts.curve)
         shard_dir = str(fetched.shard_dir)
     manifest = Manifest.load(shard_dir)
     if not 1 <= opts.rank < manifest.plan.world_size:
         raise CommError(f"rank {opts.rank} is not a worker rank of this split (1..{manifest.plan.world_size - 1})")
-    # fetch_shards has just checked every file's sha256: RankModel checks the sizes, not the hashes again
-    memory = opts.memory if fetched is None else dataclasses.replace(opts.memory, verify_shards=False)
-    model = RankModel(shard_dir, manifest, opts.rank, opts.max_context, memory=memory, threads=opts.threads)
+    if fetched is not None:  # fetch_shards has just checked every file's sha256: check the sizes, not the hashes
+        rank_opts = dataclasses.replace(rank_opts, memory=dataclasses.replace(rank_opts.memory, verify_shards=False))
+    model = open_rank_model(shard_dir, manifest, opts.rank, rank_opts)
     if fetched is not None:
         model.fetched_bytes = fetched.fetched_bytes
     cfg = manifest.config
-    links = None if opts.curve is not None else collectives.worker_links(
-        opts.rank, manifest.plan.world_size, opts.master, opts.collective, opts.collective_host, opts.step_timeout,
-        cfg.hidden_size)
-    comm = StarWorker(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
-                      manifest.dtype, cfg.num_layers, opts.step_timeout, opts.lost_timeout, opts.curve, links=links)
-    comm.require = opts.collective
+    links = None if comm_opts.curve is not None else collectives.worker_links(
+        opts.rank, manifest.plan.world_size, opts.master, comm_opts.collective, opts.collective_host,
+        comm_opts.step_timeout, cfg.hidden_size)
+    comm = Spoke(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
+                 manifest.dtype, cfg.num_layers, comm_opts, links=links)
     stop = _watch_parent(opts.parent_pid)
     leaving = "stopped"
     try:
-        comm.join(opts.join_timeout)
+        comm.join(comm_opts.join_timeout)
         log.info("rank %d joined %s", opts.rank, opts.master)
         while not stop.is_set():
             try:
@@ -100,7 +95,7 @@ def serve(opts: WorkerOptions) -> None:
         model.close()
 
 
-def _serve_one(model: RankModel, comm: StarWorker) -> None:
+def _serve_one(model: RankModel, comm: Spoke) -> None:
     try:
         msg = comm.receive(timeout=1.0)
     except (Shutdown, MasterLost):
@@ -112,10 +107,10 @@ def _serve_one(model: RankModel, comm: StarWorker) -> None:
     elif msg.kind in (Kind.FREE, Kind.CANCEL):
         model.cache.free(msg.seq)
     elif msg.kind == Kind.STATS:
-        comm.send_stats(model.stats(comm))
+        comm.send_stats(model.stats(comm.timing.seconds, comm.timing.calls))
 
 
-def _step(model: RankModel, comm: StarWorker, msg) -> None:
+def _step(model: RankModel, comm: Spoke, msg) -> None:
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -1,9 +1,8 @@
 """Which allreduce a cluster runs beside its star control channel, and how a rank builds it.
 
-Owns: the option values (collective: star, ring, tree, gloo, auto; payload: float32, float16,
-bfloat16, q8, q8_64, or None for the model's dtype), the PEERS message's info (the collective
-chosen, the payload, every rank's address) and its validation, the host a rank advertises to its
-peers, and building one rank's collective object from PEERS. An address "tcp://*:PORT" means
+Owns: the PEERS message's info (the collective chosen, the payload, every rank's address) and its
+validation, the host a rank advertises to its peers, and building one rank's collective object
+from PEERS (the option values themselves are options.py's). An address "tcp://*:PORT" means
 "at the host you reach the master at": a master bound to every interface does not know which of
 its addresses the workers use. The star itself stays the control channel (steps, cancel, stats)
 and, with collective "star", the allreduce. Does not know: the star's sockets, the model.
@@ -17,27 +16,13 @@ from typing import Any
 
 from tpi.comm.base import CommError
 from tpi.comm.links import Links
-from tpi.comm.payload import LABELS, Payload, PayloadError, parse
+from tpi.comm.payload import Payload, PayloadError, parse
 from tpi.config import ConfigError
+from tpi.options import Collective, choices
 
-COLLECTIVES = ("star", "ring", "tree", "gloo", "auto")
+COLLECTIVES = choices(Collective)
 LINKED = ("ring", "tree")  # the ones that run over tpi's own point-to-point links
 ANY_HOST = "*"
-
-
-def check_options(collective: str, payload: str | None) -> Payload | None:
-    """Validate the two options at the edge; the error names the value and what was expected."""
-    if collective not in COLLECTIVES:
-        raise ConfigError(f"collective={collective!r}: expected one of {', '.join(COLLECTIVES)}")
-    if payload is None:
-        return None
-    try:
-        pay = parse(payload)
-    except PayloadError:
-        raise ConfigError(f"payload={payload!r}: expected one of {', '.join(LABELS)}") from None
-    if collective == "gloo" and pay.name == "q8":
-        raise ConfigError("payload q8 cannot be summed by gloo: use collective star, ring or tree for q8")
-    return pay
 
 
 def host_of(address: str) -> str:
@@ -115,8 +100,6 @@ def worker_links(rank: int, world_size: int, master: str, collective: str | None
     """A worker's bound link, its address to go out in HELLO, should the master choose a ring or a
     tree; None with collective "star" (no port opened). Bound to loopback when the master is on
     loopback, else to every interface, advertised as `advertise` or this machine's route to the master."""
-    if collective is not None and collective not in COLLECTIVES:
-        raise ConfigError(f"collective={collective!r}: expected one of {', '.join(COLLECTIVES)}")
     if collective == "star":
         return None
     host = advertise or route_to(host_of(master))

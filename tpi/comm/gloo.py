@@ -13,7 +13,6 @@ and its messages are gloo's (not pickled). Does not know: the model, control mes
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import torch
@@ -42,7 +41,6 @@ class GlooAllReduce:
         if rank == 0:
             self.store = TCPStore(host, 0, world_size, is_master=True, timeout=self.timeout, wait_for_workers=False)
             self.address = f"tcp://{host}:{self.store.port}"
-        self.allreduce_s, self.allreduce_calls = 0.0, 0
 
     def connect(self, addresses: list[str], timeout: float | None = None) -> None:
         """Join the group at rank 0's address (addresses[0]); returns when every rank has joined."""
@@ -61,14 +59,11 @@ class GlooAllReduce:
             raise CommError(f"rank {self.rank}: gloo could not form a group of {self.world_size}: {e}") from None
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
-        t0 = time.perf_counter()
         buf = partial.to(self.dtype, copy=True)
         try:
             self.pg.allreduce([buf]).wait()
         except RuntimeError as e:
             raise CommError(f"rank {self.rank}: gloo allreduce for layer {tag.layer} failed: {e}") from None
-        self.allreduce_s += time.perf_counter() - t0
-        self.allreduce_calls += 1
         return buf.to(partial.dtype)
 
     def close(self) -> None:

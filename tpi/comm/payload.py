@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from tpi.errors import TpiError
+
 PayloadName = Literal["float32", "float16", "bfloat16", "q8"]
 NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16", "q8")
 CODES = {name: i + 1 for i, name in enumerate(NAMES)}  # one byte on the wire
@@ -25,7 +27,7 @@ _CASTS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Q8_BLOCKS = (32, 64)
 
 
-class PayloadError(ValueError):
+class PayloadError(TpiError, ValueError):
     """Bytes that are not a payload of the expected type and size, or values it cannot carry."""
 
 

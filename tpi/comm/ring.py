@@ -16,7 +16,6 @@ carries those), sockets beyond what ``links.Links`` gives it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -59,19 +58,15 @@ class RingAllReduce:
         self._layouts: dict[int, _Layout] = {}
         self._rs = torch.empty(0, dtype=torch.uint8)  # reduce-scatter receive buffer
         self._ag = torch.empty(0, dtype=torch.uint8)  # allgather receive buffer
-        self.allreduce_s, self.allreduce_calls = 0.0, 0
 
     def connect(self, addresses: list[str], timeout: float | None = None) -> None:
         self.links.connect(addresses, [self.next], [self.prev], timeout)
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
-        t0 = time.perf_counter()
         x = partial.reshape(-1).to(torch.float32, copy=True)  # [n], summed in place, chunk by chunk
         lay = self._layout(x.numel())
         self._reduce_scatter(x, lay, tag)
         self._allgather(x, lay, tag)
-        self.allreduce_s += time.perf_counter() - t0
-        self.allreduce_calls += 1
         return x.view(partial.shape).to(partial.dtype)
 
     def _reduce_scatter(self, x: torch.Tensor, lay: _Layout, tag: Tag) -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from tpi.errors import TpiError
+
 log = logging.getLogger("tpi.comm")
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
-class KeyFileError(ValueError):
+class KeyFileError(TpiError, ValueError):
     """A key that is missing, unreadable or malformed; the message names the file or value."""
 
 

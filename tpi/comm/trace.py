@@ -1,20 +1,23 @@
 """Per-call timing of a rank's allreduces, for measuring communication apart from compute.
 
-Owns: ``CommTrace``, a bounded in-memory record of every allreduce a rank makes (the collective's
-tag, the rows reduced, and when the call began and returned, on ``time.perf_counter``: the
-system's monotonic clock, the same for every process of one machine and its network namespaces),
-written to ``<dir>/rank<R>.npy`` when the rank's communicator closes; ``from_env`` turns it on for
-every rank a process starts when ``TPI_COMM_TRACE=<dir>`` is set; ``load`` and ``per_call`` read
-the files back. ``per_call`` gives each allreduce's communication time as the time from the moment
-the last rank entered it until the last rank had the sum: what the collective adds to the critical
-path, whatever the ranks' compute skew. Off (``None``) by default: nothing is recorded. Does not
-know: sockets, which collective ran, the model.
+Owns: ``CallTimer``, which every rank's communicator runs each allreduce through (its count and
+seconds, whatever the collective), and ``CommTrace``, a bounded in-memory record of every
+allreduce a rank makes (the collective's tag, the rows reduced, and when the call began and
+returned, on ``time.perf_counter``: the system's monotonic clock, the same for every process of
+one machine and its network namespaces), written to ``<dir>/rank<R>.npy`` when the rank's
+communicator closes; ``from_env`` turns it on for every rank a process starts when
+``TPI_COMM_TRACE=<dir>`` is set; ``load`` and ``per_call`` read the files back. ``per_call``
+gives each allreduce's communication time as the time from the moment the last rank entered it
+until the last rank had the sum: what the collective adds to the critical path, whatever the
+ranks' compute skew. Off (``None``) by default: nothing is recorded. Does not know: sockets,
+which collective ran, the model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,31 @@ class CommTrace:
 def from_env(rank: int) -> CommTrace | None:
     directory = os.environ.get(ENV)
     return CommTrace(rank, directory) if directory else None
+
+
+class CallTimer:
+    """Every allreduce of one rank, whatever collective runs it: the count and the seconds spent,
+    and with ``TPI_COMM_TRACE`` set each call's tag, rows, entry and exit (``save`` writes them).
+    ``timed(reduce, partial, tag)`` runs one call and counts it."""
+
+    def __init__(self, rank: int):
+        self.seconds, self.calls = 0.0, 0
+        self.trace = from_env(rank)
+
+    def timed(self, reduce, partial, tag: tuple):
+        t0 = time.perf_counter()
+        try:
+            return reduce(partial, tag)
+        finally:
+            t1 = time.perf_counter()
+            self.seconds += t1 - t0
+            self.calls += 1
+            if self.trace is not None:
+                self.trace.add(tag, partial.shape[0], t0, t1)
+
+    def save(self) -> None:
+        if self.trace is not None:
+            self.trace.save()
 
 
 def load(directory: str | os.PathLike, world_size: int) -> list[np.ndarray]:

@@ -15,7 +15,6 @@ messages, sockets beyond ``links.Links``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -56,20 +55,16 @@ class TreeAllReduce:
         self._bufs: dict[int, torch.Tensor] = {}  # sender -> receive buffer (grown as needed)
         self._views: dict[int, memoryview] = {}
         self._nbytes = -1
-        self.allreduce_s, self.allreduce_calls = 0.0, 0
 
     def connect(self, addresses: list[str], timeout: float | None = None) -> None:
         peers = self.children + ([] if self.parent is None else [self.parent])
         self.links.connect(addresses, peers, peers, timeout)
 
     def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor:
-        t0 = time.perf_counter()
         acc = partial.reshape(-1).to(torch.float32, copy=True)  # [n]
         self._buffers(self.payload.nbytes(acc.numel()))
         acc = self._reduce(acc, tag)
         out = self._broadcast(acc, tag)
-        self.allreduce_s += time.perf_counter() - t0
-        self.allreduce_calls += 1
         return out.view(partial.shape).to(partial.dtype)
 
     def _reduce(self, acc: torch.Tensor, tag: Tag) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""CPU/GPU split compute: the split path with both parts on the CPU (CI), and on a real GPU where
-there is one (skipped cleanly otherwise)."""
+"""CPU/GPU offload: the offload path with both parts on the CPU (CI), and on a real GPU where there
+is one (skipped cleanly otherwise); the offload's planning and tuning."""
 
 from __future__ import annotations
 
@@ -10,21 +10,16 @@ import pytest
 import torch
 from conftest import assert_close
 
-from tpi import ClusterError, LocalCluster, forward
+from tpi import ClusterError, LocalCluster, forward, rank_model
 from tpi.comm.base import SingleRank
 from tpi.config import ModelConfig
-from tpi.forward import SPLIT_SLOTS, MemoryOptions, RankModel, dispatch_seconds, split_gpu_bytes
-from tpi.hetero import (
-    Splitter,
-    balance_share,
-    calibrate,
-    measure_bandwidths,
-    plan_shares,
-    search_share,
-    share_bytes,
-    split_block,
-)
+from tpi.offload import calibrate
+from tpi.offload.blocks import BlockOffload, divide_block
+from tpi.offload.calibrate import calibrate_rows, dispatch_seconds, measure_bandwidths
+from tpi.offload.offloader import Offloader
+from tpi.offload.plan import COPY_SLOTS, balance_share, copy_slot_bytes, place, plan_shares, search_share, share_bytes
 from tpi.peers import Peers
+from tpi.rank_model import RankModel, open_rank_model
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, split_cached
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -50,56 +45,56 @@ def _slot(blocks: list[dict], ratio: float) -> int:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("ratio", "slots"), [(0.0, 2), (0.3, 1), (0.3, 2), (1.0, 3)])
-def test_splitter_pipeline_matches_linear(device, ratio, slots):
+def test_offloader_pipeline_matches_linear(device, ratio, slots):
     """Blocks run in a cycle, the next one queued (its copies started) while the current one
     computes: every projection equals F.linear, norms arrive whole, the ring's slots are reused
     correctly; a block out of the queued order is still right. gate and up share their input (its
     CPU rows start together) except on odd steps, where each gets its own copy of it."""
     blocks = _blocks(3, pin=device == "cuda")
     gen = torch.Generator().manual_seed(1)
-    with Splitter(device, ratio, _slot(blocks, ratio), slots=slots) as sp:
+    with Offloader(device, ratio, _slot(blocks, ratio), slots=slots) as sp:
         for step in range(2 * len(blocks) + 1):
             i = step % len(blocks) if step < 2 * len(blocks) else 1  # the last: not the block queued
             w = sp.weights(i, blocks[i])
             sp.upcoming((i + 1) % len(blocks), blocks[(i + 1) % len(blocks)])  # prefetch
             x = torch.randn(3, 64, generator=gen)
             xd = x.to(device)
-            h = w["gate_proj.weight"](xd)
-            u = w["up_proj.weight"](xd if step % 2 == 0 else xd.clone())
-            y = w["down_proj.weight"](torch.nn.functional.silu(h) * u)
+            h = sp.linear(xd, w, "gate_proj")
+            u = sp.linear(xd if step % 2 == 0 else xd.clone(), w, "up_proj")
+            y = sp.linear(torch.nn.functional.silu(h) * u, w, "down_proj")
             sp.finish(i)
             ref_h = torch.nn.functional.linear(x, blocks[i]["gate_proj.weight"], blocks[i]["gate_proj.bias"])
             ref_u = torch.nn.functional.linear(x, blocks[i]["up_proj.weight"])
             ref = torch.nn.functional.linear(torch.nn.functional.silu(ref_h) * ref_u, blocks[i]["down_proj.weight"])
             assert_close(y.cpu(), ref, rel=1e-5)
             assert torch.equal(w["post_attention_layernorm.weight"].cpu(), blocks[i]["post_attention_layernorm.weight"])
-            assert "gate_proj.bias" not in w  # folded into the split weight
+            assert "gate_proj.bias" not in w  # added by the offload's linear, with its rows
 
 
-def test_splitter_worker_threads_can_change():
+def test_offloader_worker_threads_can_change():
     blocks = _blocks(1, pin=False)
     x = torch.randn(2, 64)
-    with Splitter("cpu", 0.5, _slot(blocks, 0.5), threads=2) as sp:
+    with Offloader("cpu", 0.5, _slot(blocks, 0.5), threads=2) as sp:
         assert sp.threads == 2
         sp.set_threads(1)
-        y = sp.weights(0, blocks[0])["up_proj.weight"](x)
+        y = sp.linear(x, sp.weights(0, blocks[0]), "up_proj")
         sp.finish(0)
         assert sp.threads == 1
     assert_close(y, torch.nn.functional.linear(x, blocks[0]["up_proj.weight"]), rel=1e-5)
 
 
-def test_splitter_validates():
-    with pytest.raises(ValueError, match="split ratio=1.5"):
-        Splitter("cpu", 1.5, 0)
+def test_offloader_validates():
+    with pytest.raises(ValueError, match="offload share=1.5"):
+        Offloader("cpu", 1.5, 0)
     blocks = _blocks(1, pin=False)
     with pytest.raises(ValueError, match="more than a slot's"):
-        Splitter("cpu", 0.5, _slot(blocks, 0.4)).weights(0, blocks[0])
+        Offloader("cpu", 0.5, _slot(blocks, 0.4)).weights(0, blocks[0])
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("mode", ["rows", "blocks"])
-def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size, mode):
+def test_offload_on_cpu_matches_no_offload(tiny_models, split_cache, world_size, mode):
     path, _ = tiny_models("qwen2")  # biases on q/k/v exercise the bias split too
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, ref_tokens = cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=12)
@@ -110,13 +105,13 @@ def test_split_path_on_cpu_matches_unsplit(tiny_models, split_cache, world_size,
     runs = [(0.0, False), (0.3, True), (1.0, False)] if mode == "rows" else \
         [(0.0, False), (0.45, False), (0.6, True), (1.0, False)]
     for ratio, stream in runs:
-        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, split_mode=mode, split_ratio=ratio,
+        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, offload_mode=mode, offload_share=ratio,
                           stream_all=stream) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-5)
             assert cluster.generate(PROMPT, max_new_tokens=12) == ref_tokens
             stats = cluster.stats()
-            assert all(r["split_ratio"] == ratio and r["split_mode"] == mode for r in stats)
-            shares.append(stats[0]["split_gpu_share"])
+            assert all(r.offload_share == ratio and r.offload_mode == mode for r in stats)
+            shares.append(stats[0].offload_gpu_share)
     # rows: the share is the ratio; blocks: the ratio as near as whole columns allow, attention always
     # on the accelerator side
     assert shares == sorted(shares) and len(set(shares)) == len(shares) and shares[-1] == 1.0
@@ -166,18 +161,34 @@ def test_balance_share_equalises_the_two_sides():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_dispatch_seconds_times_every_path(tiny_models, family):
+def test_dispatch_seconds_times_every_path(tiny_models, family, monkeypatch):
     """Each path a block takes, timed on tiny blocks of the model's structure (biases, q/k norms),
-    on the CPU as in CI: every path runs and costs some time."""
+    on the CPU as in CI: every path runs the model's own math the way the offload runs it (a
+    divided block computes its CPU part and its accelerator part), each round once, and costs time."""
     path, _ = tiny_models(family)
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    d = dispatch_seconds(cfg, torch.device("cpu"), torch.float32, repeats=5)
-    assert set(d) == {"gpu_attn", "gpu_ffn", "copied_attn", "split", "split_head"}
+    calls = {"attention": 0, "ffn": 0, "head": 0}
+
+    def counted(name, fn):
+        def run(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return run
+
+    monkeypatch.setattr(calibrate, "attention_partial", counted("attention", calibrate.attention_partial))
+    monkeypatch.setattr(calibrate, "ffn_partial", counted("ffn", calibrate.ffn_partial))
+    monkeypatch.setattr(calibrate, "lm_head", counted("head", calibrate.lm_head))
+    repeats = 5
+    d = dispatch_seconds(cfg, torch.device("cpu"), torch.float32, repeats=repeats)
+    assert set(d) == {"gpu_attn", "gpu_ffn", "copied_attn", "divided", "divided_head"}
     assert all(0 < v < 1 for v in d.values())
+    rounds = repeats + 2  # and two warm-up rounds
+    # per round: attention resident and copied; the FFN resident, then divided (both parts); the head divided
+    assert calls == {"attention": 2 * rounds, "ffn": 3 * rounds, "head": 2 * rounds}
 
 
 @pytest.mark.parametrize("cpu", [1, 37, 95])
-def test_split_block_parts_add_up_to_the_block(cpu):
+def test_divided_block_parts_add_up_to_the_block(cpu):
     """An FFN block's two parts (CPU: intermediate columns [0, cpu), accelerator: the rest) give
     partial FFNs that add up to the whole one; each part's weights are contiguous (copyable as
     they are); the down projection's bias is counted once."""
@@ -189,36 +200,36 @@ def test_split_block_parts_add_up_to_the_block(cpu):
     x = torch.randn(3, 64)
     whole = ffn_partial(x, w, cfg)
     down = w["down_proj.weight"].clone()
-    a, b = split_block(dict(w), "ffn", cpu)
+    a, b = divide_block(dict(w), "ffn", cpu)
     assert all(t.is_contiguous() for part in (a, b) for t in part.values())
     assert a["down_proj.weight"].shape == (64, cpu) and b["gate_proj.weight"].shape == (96 - cpu, 64)
     assert torch.equal(a["down_proj.weight"], down[:, :cpu]) and torch.equal(b["down_proj.weight"], down[:, cpu:])
     assert "down_proj.bias" in a and "down_proj.bias" not in b
     assert_close(ffn_partial(x, a, cfg) + ffn_partial(x, b, cfg), whole, rel=1e-6)
     head = torch.randn(10, 64)
-    c, d = split_block({"weight": head}, "head", 4)
-    assert torch.equal(torch.cat([c["weight"], d["weight"]]), head)
+    c, d = divide_block({"lm_head.weight": head}, "head", 4)
+    assert torch.equal(torch.cat([c["lm_head.weight"], d["lm_head.weight"]]), head)
     for bad in (0, 96):
-        with pytest.raises(ValueError, match=f"split at column {bad}: expected 0 < column < 96"):
-            split_block(dict(_blocks(1, pin=False)[0]), "ffn", bad)
+        with pytest.raises(ValueError, match=f"divide at column {bad}: expected 0 < column < 96"):
+            divide_block(dict(_blocks(1, pin=False)[0]), "ffn", bad)
     with pytest.raises(ValueError, match="block kind 'attn'"):
-        split_block({}, "attn", 1)
+        divide_block({}, "attn", 1)
 
 
-def test_splitter_per_block_ratios():
-    """Blocks with their own ratio: 0 queues nothing (the CPU computes it whole), 1 copies it all."""
+def test_offloader_per_block_shares():
+    """Blocks with their own share: 0 queues nothing (the CPU computes it whole), 1 copies it all."""
     blocks = _blocks(3, pin=False)
     x = torch.randn(2, 64)
-    with Splitter("cpu", 0.5, _slot(blocks, 1.0), ratios={0: 1.0, 1: 0.0}) as sp:
-        assert [sp.ratio_of(k) for k in range(3)] == [1.0, 0.0, 0.5]
+    with Offloader("cpu", 0.5, _slot(blocks, 1.0), shares={0: 1.0, 1: 0.0}) as sp:
+        assert [sp.share_of(k) for k in range(3)] == [1.0, 0.0, 0.5]
         sp.upcoming(1, blocks[1])
         assert not sp._blocks  # nothing of block 1 goes to the accelerator
         for i in (0, 2):
-            y = sp.weights(i, blocks[i])["up_proj.weight"](x)
+            y = sp.linear(x, sp.weights(i, blocks[i]), "up_proj")
             sp.finish(i)
             assert_close(y, torch.nn.functional.linear(x, blocks[i]["up_proj.weight"]), rel=1e-5)
-    with pytest.raises(ValueError, match="split ratio=2"):
-        Splitter("cpu", 0.5, 0, ratios={0: 2})
+    with pytest.raises(ValueError, match="offload share=2"):
+        Offloader("cpu", 0.5, 0, shares={0: 2})
 
 
 @pytest.mark.timeout(60)
@@ -232,12 +243,12 @@ def test_cuda_device_refused_without_cuda(tiny_models, split_cache):
 
 
 def _slots(shard_dir, ratio: float) -> int:
-    """GPU bytes rank 0 reserves for the split at `ratio`: copy slots, norms and biases."""
+    """GPU bytes rank 0 reserves for the offload at `ratio`: copy slots, norms and biases."""
     m = Manifest.load(shard_dir)
     specs = [block_spec(shard_dir, m, 0, layer, kind) for layer, kind in rank_blocks(m.config, m.plan, 0)
              if kind != "head"]
-    slot, small = split_gpu_bytes(specs, ratio)
-    return SPLIT_SLOTS * slot + small
+    slot, small = copy_slot_bytes(specs, ratio)
+    return COPY_SLOTS * slot + small
 
 
 @needs_cuda
@@ -248,17 +259,17 @@ def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size, mode):
     path, _ = tiny_models("qwen2")
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, stats, shard = cluster.forward(PROMPT), cluster.stats()[0], cluster.shard_dir
-    kv, block = stats["kv_cache_bytes"], stats["largest_block_bytes"]
+    kv, block = stats.kv_cache_bytes, stats.largest_block_bytes
     placements = []
     slots = (lambda r: _slots(shard, r)) if mode == "rows" else (lambda r: _slots(shard, 1.0))  # blocks: whole ones
     # room for the KV cache and the copy slots only (every block split; streamed: no prefetch),
     # for some blocks, for every block
     configs = ((kv + slots(0.3), 0.3, True), (kv + slots(0.7) + 2 * block, 0.7, False), ("50MB", 0.5, False))
     for budget, ratio, stream in configs:
-        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda", split_mode=mode,
-                          gpu_memory_budget=budget, split_ratio=ratio, stream_all=stream) as cluster:
+        with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda", offload_mode=mode,
+                          gpu_memory_budget=budget, offload_share=ratio, stream_all=stream) as cluster:
             assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
-            placements.append(cluster.stats()[0]["gpu_blocks"])
+            placements.append(cluster.stats()[0].gpu_blocks)
     assert placements[0] == 0 and placements[0] < placements[1] < placements[2]
     with pytest.raises(ClusterError, match="too small for the KV cache"):
         with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda", gpu_memory_budget=1):
@@ -275,24 +286,38 @@ def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache, mode):
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     with LocalCluster(path, world_size=1, cache_dir=split_cache, device="cuda", gpu_memory_budget="250MB",
-                      split_mode=mode, split_ratio=0.5) as cluster:
+                      offload_mode=mode, offload_share=0.5) as cluster:
         stats = cluster.stats()[0]
-        assert stats["gpu_blocks"] > 0 and stats["streamed_blocks"] + stats["pinned_blocks"] > 0
-        assert 0 < stats["split_gpu_share"] < 1
+        assert stats.gpu_blocks > 0 and stats.streamed_blocks + stats.pinned_blocks > 0
+        assert 0 < stats.offload_gpu_share < 1
         assert cluster.generate(ids, max_new_tokens=24) == ref
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_calibrated_ratio_is_the_fastest_timed(device):
+def test_rows_calibration_keeps_the_fastest_share_timed(device, monkeypatch):
+    """The rows mode's share: the offload path timed on synthetic blocks over the grid and the
+    best share's neighbours; with the timing replaced by a known curve it must find its minimum,
+    and with the real path (synthetic blocks past the caches, or as many as the layers) every share
+    it timed is a real time."""
     blocks = [{"q_proj.weight": (64, 64), "k_proj.weight": (32, 64), "v_proj.weight": (32, 64),
                "o_proj.weight": (64, 64)}, {"gate_proj.weight": (96, 64), "up_proj.weight": (96, 64),
                                             "down_proj.weight": (64, 96)}]
-    r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 20, passes=1)
-    assert 0 <= r["ratio"] <= 1 and r["ms"][r["ratio"]] == min(r["ms"].values())
-    assert {0.0, 0.5, 1.0} <= set(r["ms"]) and r["bytes"] >= 1 << 20
+    cal, nbytes = calibrate_rows(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 20, passes=1)
+    assert {0.0, 0.5, 1.0} <= set(cal.rows_ms) and all(v > 0 for v in cal.rows_ms.values()) and nbytes >= 1 << 20
+    assert cal.fraction == min(cal.rows_ms, key=cal.rows_ms.get)
     unit = sum(4 * a * b for block in blocks for a, b in block.values())
-    r = calibrate(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 30, passes=1, max_copies=2)
-    assert r["bytes"] == 2 * unit  # a small model's walk is no longer than its layers, whatever the caches
+    _, nbytes = calibrate_rows(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 30, passes=1,
+                               max_copies=2)
+    assert nbytes == 2 * unit  # a small model's walk is no longer than its layers, whatever the caches
+    timed = []
+
+    def curve(device, dtype, host, share, *args, **kw) -> float:
+        timed.append(share)
+        return 1.0 + (share - 0.63) ** 2
+
+    monkeypatch.setattr(calibrate, "time_rows", curve)
+    cal, _ = calibrate_rows(torch.device(device), torch.float32, blocks, threads=1, min_bytes=1 << 16, passes=1)
+    assert cal.fraction == 0.625 and len(timed) == 15 and timed[:11] == [i / 10 for i in range(11)]
 
 
 def test_measure_bandwidths_needs_cuda():
@@ -303,23 +328,23 @@ def test_measure_bandwidths_needs_cuda():
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_block_split_measures_its_fraction(tiny_models, split_cache, world_size):
+def test_blocks_mode_measures_its_fraction(tiny_models, split_cache, world_size):
     met = []
-    r = measure_bandwidths(torch.device("cuda"), torch.float32, (256, 256), threads=2, nbytes=64 << 20,
-                           ready=lambda: met.append(1))
-    assert r["cpu_Bps"] > 0 and r["copy_Bps"] > 0 and 0 < r["fraction"] < 1 and met == [1]
+    cpu_bps, copy_bps = measure_bandwidths(torch.device("cuda"), torch.float32, (256, 256), threads=2,
+                                           nbytes=64 << 20, ready=lambda: met.append(1))
+    assert cpu_bps > 0 and copy_bps > 0 and met == [1]
     path, _ = tiny_models("llama")
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
         ref, stats, shard = cluster.forward(PROMPT), cluster.stats()[0], cluster.shard_dir
-    budget = stats["kv_cache_bytes"] + _slots(shard, 1.0) + stats["largest_block_bytes"]  # some blocks stay on the host
+    budget = stats.kv_cache_bytes + _slots(shard, 1.0) + stats.largest_block_bytes  # some blocks stay on the host
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache, device="cuda",
                       gpu_memory_budget=budget) as cluster:
         for stats in cluster.stats():
             # measured at start; a tiny model's dispatch outweighs its bytes, so the share may be 1
-            assert stats["split_mode"] == "blocks" and 0 < stats["split_ratio"] <= 1
-            assert 0 < stats["split_host_s"] < 1  # the rank's dispatch, counted on the CPU's side
-            assert stats["split_tune_s"] > 0 and 0 < stats["split_predicted"] <= 1  # predicted, then tuned
-            assert stats["pinned_blocks"] + stats["streamed_blocks"] > 0
+            assert stats.offload_mode == "blocks" and 0 < stats.offload_share <= 1
+            assert 0 < stats.offload_host_s < 1  # the rank's dispatch, counted on the CPU's side
+            assert stats.offload_tune_s > 0 and 0 < stats.offload_predicted <= 1  # predicted, then tuned
+            assert stats.pinned_blocks + stats.streamed_blocks > 0
         assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
 
 
@@ -374,42 +399,44 @@ def test_search_share_times_a_grid_then_the_best_neighbours():
 def _rank_logits(model: RankModel, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         h = forward.run_layers(model, SingleRank(), model.embed(ids), 0, 0, 0)
-        out = model.logits(h)
+        out = forward.logits(model, h)
     model.cache.free(0)
     return out
 
 
 def _tunable(shard, manifest: Manifest, rank: int) -> RankModel:
-    """A rank as a GPU rank is before its share is tuned (its blocks whole, a split planned), on the CPU."""
-    model = RankModel(shard, manifest, rank)
+    """A rank as a GPU rank is before its share is tuned (blocks mode planned at 0.5 of the host
+    bytes, the pinned blocks' parts views), here on the CPU."""
+    model = open_rank_model(shard, manifest, rank)
     slot = max(t.nbytes for b in model.sched.blocks for t in b.tensors) + 256  # LM-head chunks are whole blocks here
-    model._plan_split(model.sched.blocks, 0.5, slot, 1)
+    model.offload = BlockOffload(model.sched, torch.device("cpu"), "blocks", 0.5, slot, 1, exact=False)
     return model
 
 
 @pytest.mark.timeout(300)
-def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_cache, tmp_path, monkeypatch, capsys):
-    """The block split's share tuned at start (both parts on the CPU here): the shares timed are
-    views of the blocks as they are, so the logits afterwards still match the unsplit path; a rank
-    too slow to tune keeps its split as planned, exact too; ranks of one machine tune together and
-    choose the same share."""
+def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_cache, tmp_path, monkeypatch,
+                                                              capsys):
+    """The blocks mode's share tuned at start (both parts on the CPU here): the shares timed are
+    views of the blocks as they are, so the logits afterwards still match the path without
+    offload; a rank too slow to tune keeps the share as planned, exact too; ranks of one machine
+    tune together and choose the same share."""
     path, _ = tiny_models("llama")
     shard = split_cached(path, 1, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
-    unsplit = RankModel(shard, manifest, 0)
-    ref = _rank_logits(unsplit, PROMPT)
-    unsplit.close()
+    plain = open_rank_model(shard, manifest, 0)
+    ref = _rank_logits(plain, PROMPT)
+    plain.close()
     model = _tunable(shard, manifest, 0)
-    model._tune_share(model.sched.blocks, model.split.slot_bytes, 1)
+    rank_model._tune(model, Peers(None, 0))
     cal = model.calibration
-    assert 13 <= len(cal["tuned_ms"]) <= 15 and model.split.ratio == cal["fraction"] and cal["tune_s"] > 0
+    assert 13 <= len(cal.tuned_ms) <= 15 and model.offload.share == cal.fraction and cal.tune_s > 0
     assert model.sched.counters.loads == 0  # the timed steps are not counted as the rank's work
     assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
     model.close()
-    monkeypatch.setattr(forward, "TUNE_MAX_S", 0.0)  # as if its blocks streamed from disk: too slow to tune
+    monkeypatch.setattr(calibrate, "TUNE_MAX_S", 0.0)  # as if its blocks streamed from disk: too slow to tune
     model = _tunable(shard, manifest, 0)
-    model._tune_share(model.sched.blocks, model.split.slot_bytes, 1)
-    assert model.split.ratio == 0.5 and model.calibration is None  # the split as planned
+    rank_model._tune(model, Peers(None, 0))
+    assert model.offload.share == 0.5 and model.calibration is None  # the offload as planned
     assert "keeping the share predicted from the rates" in capsys.readouterr().err
     assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
     model.close()
@@ -417,15 +444,14 @@ def test_tuned_share_times_views_and_keeps_the_split_exact(tiny_models, split_ca
     shard = split_cached(path, 2, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
     ranks = [_tunable(shard, manifest, r) for r in range(2)]
-    for r, m in enumerate(ranks):
-        m.peers = Peers(tmp_path, r, 2, timeout=60)
-    threads = [threading.Thread(target=m._tune_share, args=(m.sched.blocks, m.split.slot_bytes, 1)) for m in ranks]
+    peers = [Peers(tmp_path, r, 2, timeout=60) for r in range(2)]
+    threads = [threading.Thread(target=rank_model._tune, args=(m, p)) for m, p in zip(ranks, peers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert ranks[0].calibration["share"] == ranks[1].calibration["share"]
-    assert not any(m.peers.alone for m in ranks)
+    assert ranks[0].calibration.share == ranks[1].calibration.share
+    assert not any(p.alone for p in peers)
     for m in ranks:
         m.close()
 
@@ -443,33 +469,34 @@ def test_copy_ring_packs_projections_of_mixed_sizes(device, ratio):
     if device == "cuda":
         blocks = [{k: t.pin_memory() for k, t in b.items()} for b in blocks]
     staged = 0
-    with Splitter(device, ratio, _slot(blocks, ratio), slots=2) as sp:
+    with Offloader(device, ratio, _slot(blocks, ratio), slots=2) as sp:
         for step in range(3 * len(blocks)):
             i = step % len(blocks)
             w = sp.weights(i, blocks[i])
             for ahead in (1, 2):
                 sp.upcoming((i + ahead) % len(blocks), blocks[(i + ahead) % len(blocks)])
-            staged = max(staged, len(sp._staged))
+            staged = max(staged, len(sp.ring.staged))
             for name, t in blocks[i].items():  # in the order queued
                 x = torch.randn(2, t.shape[1], generator=gen)
-                assert_close(w[name](x.to(device)).cpu(), torch.nn.functional.linear(x, t), rel=1e-5)
+                y = sp.linear(x.to(device), w, name.removesuffix(".weight"))
+                assert_close(y.cpu(), torch.nn.functional.linear(x, t), rel=1e-5)
             first = next(iter(blocks[i]))  # again, out of the order queued: copied anew
-            assert_close(w[first](x[:, :64].to(device)).cpu(), torch.nn.functional.linear(x[:, :64], blocks[i][first]),
-                         rel=1e-5)
+            y = sp.linear(x[:, :64].to(device), w, first.removesuffix(".weight"))
+            assert_close(y.cpu(), torch.nn.functional.linear(x[:, :64], blocks[i][first]), rel=1e-5)
             sp.finish(i)
     assert staged > 2  # a ring of two largest shares holds more of the small ones
 
 
 @needs_cuda
-def test_closed_splitter_holds_no_device_memory():
-    """Tuning the block split makes a Splitter per share timed: each one's copy ring must go back
-    when it is closed, though SplitWeights it gave out refer back to it."""
+def test_closed_offloader_holds_no_device_memory():
+    """Tuning the blocks mode makes an Offloader per share timed: each one's copy ring must go back
+    when it is closed, though the blocks it was given refer to it."""
     blocks, ring = _blocks(2, pin=True), 64 << 20
 
     def use_and_close() -> tuple[int, int]:
-        sp = Splitter("cuda", 1.0, ring)
+        sp = Offloader("cuda", 1.0, ring)
         w = sp.weights(0, blocks[0])
-        w["gate_proj.weight"](torch.ones(1, 64, device="cuda"))
+        sp.linear(torch.ones(1, 64, device="cuda"), w, "gate_proj")
         sp.finish(0)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
@@ -489,7 +516,7 @@ def test_placement_takes_the_lm_head_chunks_first(tiny_models, split_cache):
     path, _ = tiny_models("llama")
     shard = split_cached(path, 2, cache_dir=split_cache, progress=False)
     manifest = Manifest.load(shard)
-    model = RankModel(shard, manifest, 0)
+    model = open_rank_model(shard, manifest, 0)
     layers = [block_spec(shard, manifest, 0, layer, kind) for layer, kind in rank_blocks(model.cfg, manifest.plan, 0)
               if kind != "head"]
     # chunks smaller than any layer block: largest first alone would not take them first
@@ -497,7 +524,8 @@ def test_placement_takes_the_lm_head_chunks_first(tiny_models, split_cache):
     head_bytes = sum(b.nbytes for b in heads)
     largest = max(layers, key=lambda s: s.nbytes)
     budget = model.cache.nbytes + head_bytes + largest.nbytes  # the head and one layer block
-    placed = model._place_on_gpu(heads, layers, MemoryOptions(gpu_memory_budget=budget), 0)
+    placed = rank_model._load_on_gpu(torch.device("cpu"), heads, layers, budget, model.cache.nbytes, 0)
     assert list(placed)[:len(heads)] == [b.key for b in heads] and list(placed)[len(heads)] == largest.key
     assert sum(sum(t.nbytes for t in w.values()) for w in placed.values()) <= budget - model.cache.nbytes
+    assert [b.key for b in place(heads, layers, head_bytes + largest.nbytes)] == list(placed)
     model.close()
