@@ -1,16 +1,16 @@
 """One allreduce of a hidden-state vector on loopback: tpi's star, ring, tree, gloo and a bare star.
 
-For each world size, every rank is its own spawned process with 1 torch thread, and every
-collective lives in those same processes at once: tpi's star (``StarMaster``/``StarWorker``
-from tpi/comm/zmq_star.py, used as a library, as the cluster uses it), the ring and the tree
+For each world size, every rank is its own spawned process with 1 torch thread (common.spawn_ranks),
+and every collective lives in those same processes at once: tpi's star (``Hub``/``Spoke`` from
+tpi/comm/hub.py and spoke.py, used as a library, as the cluster uses them), the ring and the tree
 (tpi/comm/ring.py, tree.py), torch.distributed's gloo (tpi/comm/gloo.py), and a bare pyzmq
 star (ROUTER/DEALER, raw float32 bytes, no header, no checks, numpy sum in rank order): the
 floor our star is measured against, given a numpy array and returning one; `bare_torch` is the
 same bare star called as tpi's collectives are, with a torch tensor in and a torch tensor out.
-After `--warmup` calls of each, the (collective, size) pairs are interleaved call by call,
-`--rounds` x `--iters` iterations of one call each, in a new random order every iteration (the
-same on every rank), so that this shared machine's drifts and bursts hit all alike and no
-collective always follows the same one.
+After `--warmup` calls of each, the (collective, size) pairs are interleaved call by call
+(common.rounds, without a settle pause), `--rounds` x `--iters` iterations of one call each, in a
+new random order every iteration (the same on every rank), so that this shared machine's drifts and
+bursts hit all alike and no collective always follows the same one.
 Rank 0 times each call; the table quotes the median and p99 and each collective's median over
 the bare star's.
 
@@ -28,19 +28,18 @@ world size, one panel per vector size). Does not know: the model, the cluster.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import platform
 import sys
 import time
-import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import OUT_DIR, RankLink, rounds, save_plot, spawn_ranks, table, write_report
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 ALGOS = ("bare", "bare_torch", "star", "ring", "tree", "gloo")
 TIMEOUT_MS = 60_000
 
@@ -115,9 +114,9 @@ class Ranks:
 
     def __init__(self, rank: int, world_size: int, sizes: list[int], algos: list[str]):
         from tpi.comm.gloo import GlooAllReduce
+        from tpi.comm.hub import Hub
         from tpi.comm.ring import RingAllReduce
         from tpi.comm.tree import TreeAllReduce
-        from tpi.comm.zmq_star import StarMaster
 
         self.rank, self.world_size, self.algos = rank, world_size, algos
         self.bare = BareStar(rank, world_size)
@@ -126,7 +125,7 @@ class Ranks:
         self.gloo = GlooAllReduce(rank, world_size) if "gloo" in algos else None
         self.stars: dict[int, object] = {}
         for size in sizes if "star" in algos and rank == 0 else []:
-            self.stars[size] = StarMaster("tcp://127.0.0.1:0", world_size, "bench", size, torch.float32, 1)
+            self.stars[size] = Hub("tcp://127.0.0.1:0", world_size, "bench", size, torch.float32, 1)
         self._sizes = sizes
 
     def addresses(self) -> dict[str, str]:
@@ -138,15 +137,15 @@ class Ranks:
         return out
 
     def connect(self, addresses: list[dict[str, str]]) -> None:
-        from tpi.comm.zmq_star import StarWorker
+        from tpi.comm.spoke import Spoke
 
         self.bare.connect(addresses[0]["bare"])
         for size in self._sizes if "star" in self.algos else []:
             if self.rank == 0:
                 self.stars[size].wait_for_workers(60)
             else:
-                worker = StarWorker(addresses[0][f"star{size}"], self.rank, self.world_size, "bench", size,
-                                    torch.float32, 1)
+                worker = Spoke(addresses[0][f"star{size}"], self.rank, self.world_size, "bench", size,
+                               torch.float32, 1)
                 worker.join(60)
                 self.stars[size] = worker
         for name in ("ring", "tree", "gloo"):
@@ -178,23 +177,17 @@ class Ranks:
                 c.close()
 
 
-def rank_main(rank: int, world_size: int, args: dict, up, down) -> None:
-    """A spawned rank: build everything, exchange addresses, measure, report to the parent."""
+def rank_main(rank: int, world_size: int, spec: dict, link: RankLink) -> dict | None:
+    """A spawned rank (common.spawn_ranks): build everything, exchange addresses, measure; rank 0
+    returns its times and the loopback link's fit."""
+    ranks = Ranks(rank, world_size, spec["sizes"], spec["algos"])
     try:
-        torch.set_num_threads(1)
-        if args["pin"] and hasattr(os, "sched_setaffinity"):  # before any socket: ZeroMQ's I/O thread inherits it
-            cores = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, {cores[rank % len(cores)]})
-        ranks = Ranks(rank, world_size, args["sizes"], args["algos"])
-        up.put(("addr", rank, ranks.addresses()))
-        ranks.connect(down.get(timeout=120))
-        link = measure_loopback(ranks)
-        times = run_schedule(ranks, args)
-        if rank == 0:
-            up.put(("result", rank, {"times": times, "link": link}))
+        ranks.connect(link.allgather(ranks.addresses()))
+        fit = measure_loopback(ranks)
+        times = run_schedule(ranks, spec)
+    finally:
         ranks.close()
-    except BaseException:
-        up.put(("error", rank, traceback.format_exc()))
+    return {"times": times, "link": fit} if rank == 0 else None
 
 
 def measure_loopback(ranks: Ranks) -> tuple[float, float] | None:
@@ -213,64 +206,33 @@ def measure_loopback(ranks: Ranks) -> tuple[float, float] | None:
     return None
 
 
-def run_schedule(ranks: Ranks, args: dict) -> dict[str, list[float]]:
+def run_schedule(ranks: Ranks, spec: dict) -> dict[str, list[float]]:
     """Every (collective, size) warmed up, then interleaved call by call: each iteration runs one
-    allreduce of each, in a fresh random order (seeded alike on every rank), so that this shared
-    machine's drifts and bursts fall on all of them alike (a paired comparison, not one block after
-    another) and each follows every other equally often: a collective's aftermath (its peers' last
-    acknowledgements, threads going back to sleep, caches it evicted) is not always paid by the same
-    neighbour, as a fixed rotation would make it."""
-    configs = [(algo, size) for size in args["sizes"] for algo in args["algos"]]
-    times: dict[str, list[float]] = {f"{a}/{s}": [] for a, s in configs}
-    fns = [(*ranks.call(a, s), times[f"{a}/{s}"]) for a, s in configs]
-    for fn, reset, _ in fns:
-        for i in range(args["warmup"]):
-            fn(i)
-            reset()
-    i = args["warmup"]
-    order = np.random.default_rng(1234)  # the same seed on every rank: every rank calls the same collective
-    for _ in range(args["rounds"] * args["iters"]):
-        for j in order.permutation(len(fns)):
-            fn, reset, out = fns[j]
-            t0 = time.perf_counter()
-            fn(i)
-            out.append(time.perf_counter() - t0)
-            reset()
-        i += 1
-    return times
+    allreduce of each, in a fresh random order (common.rounds, seeded alike on every rank, no
+    settle pause), so that this shared machine's drifts and bursts fall on all of them alike (a
+    paired comparison, not one block after another) and each follows every other equally often."""
+    runs = {f"{a}/{s}": timed_call(*ranks.call(a, s)) for s in spec["sizes"] for a in spec["algos"]}
+    return rounds(runs, spec["rounds"] * spec["iters"], warmup=spec["warmup"], settle_s=0.0, seed=1234)
 
 
-def bench_world(world_size: int, args: dict) -> dict:
-    """Spawn the ranks of one world size, hand them each other's addresses, collect rank 0's times."""
-    ctx = mp.get_context("spawn")
-    up = ctx.Queue()
-    downs = [ctx.Queue() for _ in range(world_size)]
-    procs = [ctx.Process(target=rank_main, args=(r, world_size, args, up, downs[r]), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    try:
-        addrs = {}
-        while len(addrs) < world_size:
-            kind, rank, value = _get(up)
-            addrs[rank] = value
-        for d in downs:
-            d.put([addrs[r] for r in range(world_size)])
-        _, _, result = _get(up, timeout=1800)
-        return result
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+def timed_call(fn, reset) -> Callable[[], float]:
+    """Seconds of one call of `fn` (its step index counting up), the partial restored after, untimed."""
+    step = iter(range(1 << 62))
+
+    def run() -> float:
+        i = next(step)
+        t0 = time.perf_counter()
+        fn(i)
+        seconds = time.perf_counter() - t0
+        reset()
+        return seconds
+
+    return run
 
 
-def _get(q, timeout: float = 300) -> tuple:
-    item = q.get(timeout=timeout)
-    if item[0] == "error":
-        raise RuntimeError(f"rank {item[1]} failed:\n{item[2]}")
-    return item
+def bench_world(world_size: int, spec: dict) -> dict:
+    """Rank 0's times and link fit for one world size."""
+    return spawn_ranks(rank_main, world_size, spec, threads=1, pin=spec["pin"])[0]
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -293,32 +255,31 @@ def summarize(results: dict[int, dict], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[float, float]]) -> str:
-    head = "| ranks | values |" + "".join(f" {a} median (p99) µs |" + ("" if a == "bare" else f" {a}/bare |")
-                                          for a in args.algos)
-    if "star" in args.algos and "bare_torch" in args.algos:
-        head += " star/bare_torch |"
-    head += " model picks | fastest of star/ring/tree |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def comm_table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[float, float]]) -> str:
+    both = "star" in args.algos and "bare_torch" in args.algos
+    cols = ["ranks", "values"]
+    for a in args.algos:
+        cols += [f"{a} median (p99) µs"] + ([] if a == "bare" else [f"{a}/bare"])
+    cols += (["star/bare_torch"] if both else []) + ["model picks", "fastest of star/ring/tree"]
+    cells = []
     for r in rows:
-        cells = [str(r["world"]), str(r["size"])]
+        row = [r["world"], r["size"]]
         for a in args.algos:
             med, p99 = r[a]
-            cells.append(f"{med:.0f} ({p99:.0f})")
+            row.append(f"{med:.0f} ({p99:.0f})")
             if a != "bare":
-                cells.append(f"{med / r['bare'][0]:.2f}x" if "bare" in args.algos else "-")
-        if "star" in args.algos and "bare_torch" in args.algos:
-            cells.append(f"{r['star'][0] / r['bare_torch'][0]:.2f}x")
-        cells += [r["model"], r["fastest"]]
-        lines.append("| " + " | ".join(cells) + " |")
+                row.append(f"{med / r['bare'][0]:.2f}x" if "bare" in args.algos else "-")
+        if both:
+            row.append(f"{r['star'][0] / r['bare_torch'][0]:.2f}x")
+        cells.append(row + [r["model"], r["fastest"]])
     cores = os.cpu_count()
+    pinning = f"rank r pinned to core r mod {cores}" if args.pin else "ranks not pinned"
     notes = [
         "",
         f"Loopback, {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
-        f"1 torch thread per rank, {'rank r pinned to core r mod ' + str(cores) if args.pin else 'ranks not pinned'}; "
-        f"{args.rounds * args.iters} timed allreduces per cell (after {args.warmup} "
-        "warm-up), all cells interleaved call by call in a new random order every iteration; rank 0's time "
-        "per call.",
+        f"1 torch thread per rank, {pinning}; {args.rounds * args.iters} timed allreduces per cell (after "
+        f"{args.warmup} warm-up), all cells interleaved call by call in a new random order every iteration; rank "
+        "0's time per call.",
         f"World sizes above {cores} oversubscribe this machine's {cores} cores: every hop then waits for the "
         "scheduler, which punishes the collectives with more sequential hops (ring: 2(N-1), tree: 2 log2 N) "
         "far more than it would on separate devices.",
@@ -326,32 +287,23 @@ def table(rows: list[dict], args: argparse.Namespace, links: dict[int, tuple[flo
             f"N={w}: alpha {a * 1e6:.0f} µs, {b / 1e9:.2f} GB/s" for w, (a, b) in links.items()),
         "`model picks` is tpi/comm/cost.py's `auto` choice for that link (float32 payload).",
     ]
-    return "\n".join(lines + notes)
+    return "\n".join([table(cols, cells), *notes])
 
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> bool:
-    try:
-        import matplotlib
+    """Median latency against world size, one panel per vector size."""
+    def draw(axes: list) -> None:
+        for ax, size in zip(axes, args.sizes):
+            sel = [r for r in rows if r["size"] == size]
+            for algo in args.algos:
+                ax.plot([r["world"] for r in sel], [r[algo][0] for r in sel], marker="o", label=algo)
+            ax.set(title=f"allreduce of {size} float32 values (loopback)", xlabel="world size",
+                   ylabel="median µs per allreduce", yscale="log")
+            ax.set_xticks(sorted({r["world"] for r in sel}))
+            ax.grid(alpha=0.3)
+            ax.legend()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return False
-    fig, axes = plt.subplots(1, len(args.sizes), figsize=(6 * len(args.sizes), 4.5), squeeze=False)
-    for ax, size in zip(axes[0], args.sizes):
-        sel = [r for r in rows if r["size"] == size]
-        for algo in args.algos:
-            ax.plot([r["world"] for r in sel], [r[algo][0] for r in sel], marker="o", label=algo)
-        ax.set(title=f"allreduce of {size} float32 values (loopback)", xlabel="world size",
-               ylabel="median µs per allreduce", yscale="log")
-        ax.set_xticks(sorted({r["world"] for r in sel}))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return True
+    return save_plot(path, draw, panels=len(args.sizes), panel_size=(6, 4.5))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -388,12 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         results[world] = bench_world(world, spec)
         print(f"world size {world}: {time.monotonic() - t0:.0f}s", file=sys.stderr)
     rows = summarize(results, args)
-    text = table(rows, args, {w: r["link"] for w, r in results.items()})
+    text = comm_table(rows, args, {w: r["link"] for w, r in results.items()})
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comm.md").write_text(text + "\n")
-    if plot(rows, args, args.out / "comm.png"):
-        print(f"wrote {args.out / 'comm.md'} and {args.out / 'comm.png'}")
+    write_report(args.out, "comm.md", text)
+    plot(rows, args, args.out / "comm.png")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ Three parts, each a table:
    bytes = a partial up and the sum back (2 x hidden x 4).
 
 Every rank runs 1 torch thread; on one machine the ranks share its cores. All clusters of part 1
-are alive at once and each round visits them in a rotating order. Writes bench/out/comm_generation.md.
+are alive at once and each round visits them in a new random order (common.rounds); so does part 3
+with its delays. Writes bench/out/comm_generation.md.
 
     python bench/comm_generation.py                 # parts 1 and 2
     python bench/comm_generation.py --emulate       # and part 3 (root)
@@ -40,87 +41,61 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+from common import EMBEDDED_PROMPT_IDS, OUT_DIR, RankLink, rounds, spawn_ranks, table, write_report
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 COLLECTIVES = ("star", "ring", "tree", "gloo")
 PAYLOADS = ("float32", "float16", "bfloat16", "q8", "q8_64")
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
 
-def bare_floor_s(hidden: int, world: int, rounds: int) -> float:
+def bare_floor_s(hidden: int, world: int, n_rounds: int) -> float:
     """Median seconds of one bare-star allreduce of `hidden` float32 values over `world` processes."""
     from comm import bench_world  # bench/comm.py
 
-    spec = {"sizes": [hidden], "algos": ["bare"], "iters": 200, "warmup": 20, "rounds": rounds, "pin": False}
+    spec = {"sizes": [hidden], "algos": ["bare"], "iters": 200, "warmup": 20, "rounds": n_rounds, "pin": False}
     times = bench_world(world, spec)["times"][f"bare/{hidden}"]
     return statistics.median(times)
 
 
-def _loaded_rank(rank: int, world: int, hidden: int, block_s: float, iters: int, up, down) -> None:
-    """A spawned rank of `loaded_floor_s`: calibrate a matmul to `block_s`, then compute + allreduce."""
-    import traceback
-
+def _loaded_rank(rank: int, world: int, spec: dict, link: RankLink) -> list[tuple[float, float]]:
+    """A spawned rank of `loaded_floor_s`: calibrate a matmul to its block time, then compute +
+    allreduce; (entry, exit) of every allreduce."""
     from comm import BareStar  # bench/comm.py
 
+    hidden, iters = spec["hidden"], spec["iters"]
+    x = torch.randn(1, hidden)
+    rows = 256
+    w = torch.randn(rows, hidden)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        torch.mm(x, w.T)
+    rows = max(1, int(rows * spec["block_s"][rank] / ((time.perf_counter() - t0) / 20)))
+    w = torch.randn(rows, hidden)  # one block's compute, as long as the model's took on this rank
+    bare = BareStar(rank, world)
     try:
-        torch.set_num_threads(1)
-        x = torch.randn(1, hidden)
-        rows = 256
-        w = torch.randn(rows, hidden)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            torch.mm(x, w.T)
-        rows = max(1, int(rows * block_s / ((time.perf_counter() - t0) / 20)))
-        w = torch.randn(rows, hidden)  # one block's compute, as long as the model's took on this rank
-        bare = BareStar(rank, world)
-        up.put(("addr", rank, bare.address))
-        bare.connect(down.get(timeout=120))
+        bare.connect(link.allgather(bare.address)[0])
         v, times = x.numpy().reshape(-1), []
         for _ in range(iters):
             torch.mm(x, w.T)
             t0 = time.perf_counter()
             bare.all_reduce(v)
             times.append((t0, time.perf_counter()))
-        up.put(("times", rank, times))
+        return times
+    finally:
         bare.close()
-    except BaseException:
-        up.put(("error", rank, traceback.format_exc()))
 
 
 def loaded_floor_s(hidden: int, world: int, block_s: list[float], iters: int = 400) -> float:
     """Median seconds from the last rank's entry to the last rank's exit of a bare-star allreduce
     when, as in generation, every rank first computes for as long as one block took it
     (`block_s[rank]`): the bare star under this machine's scheduling of computing processes."""
-    import multiprocessing as mp
-
-    from comm import _get  # bench/comm.py
-
-    ctx = mp.get_context("spawn")
-    up, downs = ctx.Queue(), [ctx.Queue() for _ in range(world)]
-    procs = [ctx.Process(target=_loaded_rank, args=(r, world, hidden, block_s[r], iters, up, downs[r]), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        addrs, times = {}, {}
-        while len(addrs) < world:
-            _, rank, value = _get(up)
-            addrs[rank] = value
-        for d in downs:
-            d.put(addrs[0])
-        while len(times) < world:
-            _, rank, value = _get(up)
-            times[rank] = value
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.terminate()
-    calls = [max(times[r][i][1] for r in times) - max(times[r][i][0] for r in times) for i in range(iters // 10, iters)]
+    times = spawn_ranks(_loaded_rank, world, {"hidden": hidden, "iters": iters, "block_s": block_s}, threads=1)
+    calls = [max(t[i][1] for t in times) - max(t[i][0] for t in times) for i in range(iters // 10, iters)]
     return statistics.median(calls)
 
 
@@ -149,11 +124,23 @@ def decode_run(cluster, ids: list[int], tokens: int) -> tuple[float, float, floa
     s1 = cluster.stats()
     cluster.generate_full(ids, 1, ignore_eos=True)  # the same prefill alone: what decoding added
     s2 = cluster.stats()
+
     def decode(key: str, r: int) -> float:
-        return ((s1[r][key] - s0[r][key]) - (s2[r][key] - s1[r][key])) / (tokens - 1)
+        a, b, c = (getattr(s[r], key) for s in (s0, s1, s2))
+        return ((b - a) - (c - b)) / (tokens - 1)
 
     compute = [decode("compute_s", r) for r in range(len(s0))]
     return t0, full["decode_s"] / (tokens - 1), decode("allreduce_s", 0), compute
+
+
+def decode_sample(cluster, ids: list[int], tokens: int) -> Callable[[], dict]:
+    """One timed generation of `cluster` as a rounds run: its time window, decode s/token, rank 0's
+    all_reduce s/token and every rank's compute s/token."""
+    def run() -> dict:
+        t0, tok, r0, compute = decode_run(cluster, ids, tokens)
+        return {"window": (t0, time.perf_counter()), "tok": tok, "r0": r0, "compute": compute}
+
+    return run
 
 
 def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
@@ -162,35 +149,25 @@ def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
 
     layers, hidden, world = cfg["num_hidden_layers"], cfg["hidden_size"], args.world_size
     floor = bare_floor_s(hidden, world, args.rounds)
-    rows: dict[str, dict[str, list]] = {c: {"r0": [], "tok": [], "windows": [], "compute": []}
-                                        for c in args.collectives}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tpi-comm-trace-")))
-        summary = stack.enter_context(ExitStack())  # closed first: the clusters save their traces
-        clusters = {}
+        live = stack.enter_context(ExitStack())  # closed first: the clusters save their traces
+        runs = {}
         for c in args.collectives:
             with traced(tmp / c):
-                clusters[c] = summary.enter_context(LocalCluster(path, world_size=world, collective=c,
-                                                                 cache_dir=args.cache_dir))
-        for c in clusters.values():
-            c.generate_full(ids, 4, ignore_eos=True)  # warm-up
-        names = list(clusters)
-        for rnd in range(args.rounds):
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                t0, tok, r0, compute = decode_run(clusters[name], ids, args.tokens)
-                rows[name]["windows"].append((t0, time.perf_counter()))
-                rows[name]["compute"].append(compute)
-                rows[name]["r0"].append(r0)
-                rows[name]["tok"].append(tok)
-                print(f"round {rnd + 1} {name}: {1000 * tok:.1f} ms/token", file=sys.stderr)
-        summary.close()
+                cluster = live.enter_context(LocalCluster(path, world_size=world, collective=c,
+                                                          cache_dir=args.cache_dir))
+            runs[c] = decode_sample(cluster, ids, args.tokens)
+        rows = rounds(runs, args.rounds, report=lambda k, name, r: print(
+            f"round {k + 1} {name}: {1000 * r['tok']:.1f} ms/token", file=sys.stderr))
+        live.close()
         comm = {}
-        for name, r in rows.items():
+        for name, samples in rows.items():
             calls = trace.per_call(trace.load(tmp / name, world))
-            comm[name] = [t for a, b in r["windows"] for t in trace.per_token(calls, a, b)]
+            comm[name] = [t for r in samples for t in trace.per_token(calls, *r["window"])]
     med = statistics.median
     ref = args.collectives[0]  # the block compute the loaded floor copies: this collective's ranks'
-    block_s = [med(c[r] for c in rows[ref]["compute"]) / (2 * layers) for r in range(world)]
+    block_s = [med(r["compute"][k] for r in rows[ref]) / (2 * layers) for k in range(world)]
     loaded = loaded_floor_s(hidden, world, block_s)
     floor_tok, loaded_tok = 2 * layers * floor, 2 * layers * loaded
     lines = [f"## 1. Loopback, {world} ranks: communication per decoded token", "",
@@ -198,30 +175,25 @@ def part_loopback(args, path: Path, ids: list[int], cfg: dict) -> str:
              f"nothing else running) = {1000 * floor_tok:.2f} ms",
              f"- loaded floor: 2 x {layers} layers x {1e6 * loaded:.0f} µs (the same bare star, last rank in to last "
              f"out, when each rank first computes for as long as one block took it in generation, "
-             f"{', '.join(f'{1e6 * b:.0f}' for b in block_s)} µs) = {1000 * loaded_tok:.2f} ms", "",
-             "| collective | ms/token (decode) | rank 0 in all_reduce, ms/token | comm ms/token (last in to last out) "
-             "| comm / floor | comm / loaded floor |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        c = med(comm[name])
-        lines.append(f"| {name} | {1000 * med(r['tok']):.1f} | {1000 * med(r['r0']):.2f} | {1000 * c:.2f} "
-                     f"| {c / floor_tok:.2f}x | {c / loaded_tok:.2f}x |")
-    return "\n".join(lines)
+             f"{', '.join(f'{1e6 * b:.0f}' for b in block_s)} µs) = {1000 * loaded_tok:.2f} ms", ""]
+    cells = [[name, f"{1000 * med(r['tok'] for r in samples):.1f}", f"{1000 * med(r['r0'] for r in samples):.2f}",
+              f"{1000 * med(comm[name]):.2f}", f"{med(comm[name]) / floor_tok:.2f}x",
+              f"{med(comm[name]) / loaded_tok:.2f}x"] for name, samples in rows.items()]
+    cols = ["collective", "ms/token (decode)", "rank 0 in all_reduce, ms/token", "comm ms/token (last in to last out)",
+            "comm / floor", "comm / loaded floor"]
+    return "\n".join(lines) + "\n" + table(cols, cells, "lrrrrr")
 
 
 def part_payloads(args, path: Path, ids: list[int], model) -> str:
     from tpi import LocalCluster
+    from tpi.comm.payload import parse
 
     with torch.no_grad():
         ref_logits = model(torch.tensor([ids])).logits[0]
         ref = model.generate(torch.tensor([ids]), max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                              do_sample=False)[0, len(ids):].tolist()
     scale = ref_logits.abs().max().item()
-    lines = [f"## 2. Payloads (star, 3 ranks): logits over a {len(ids)}-token prompt and {args.tokens} greedy tokens "
-             "against transformers (float32)", "",
-             "| payload | bytes per partial | max logit error / scale | mean logit error | greedy tokens equal "
-             "| first divergence |", "|---|---:|---:|---:|---:|---:|"]
-    from tpi.comm.payload import parse
-
+    cells = []
     for name in args.payloads:
         with LocalCluster(path, world_size=3, payload=None if name == "float32" else name,
                           cache_dir=args.cache_dir) as cluster:
@@ -230,16 +202,18 @@ def part_payloads(args, path: Path, ids: list[int], model) -> str:
         err = (logits - ref_logits).abs()
         same = sum(a == b for a, b in zip(got, ref))
         first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-        nbytes = parse(name).nbytes(model.config.hidden_size)
-        lines.append(f"| {name} | {nbytes} | {err.max().item() / scale:.2e} | {err.mean().item():.2e} | "
-                     f"{same}/{len(ref)} | {'-' if first is None else first} |")
+        cells.append([name, parse(name).nbytes(model.config.hidden_size), f"{err.max().item() / scale:.2e}",
+                      f"{err.mean().item():.2e}", f"{same}/{len(ref)}", "-" if first is None else first])
         print(f"payload {name}: {same}/{len(ref)} tokens equal", file=sys.stderr)
-    return "\n".join(lines)
+    title = (f"## 2. Payloads (star, 3 ranks): logits over a {len(ids)}-token prompt and {args.tokens} greedy tokens "
+             "against transformers (float32)")
+    cols = ["payload", "bytes per partial", "max logit error / scale", "mean logit error", "greedy tokens equal",
+            "first divergence"]
+    return f"{title}\n\n{table(cols, cells, 'lrrrrr')}"
 
 
 def part_emulate(args, cfg: dict) -> str:
-    import httpx
-    from emulate import PROMPT_IDS, Probe, _wait_ready  # bench/emulate.py
+    from emulate import Probe, wait_ready  # bench/emulate.py
 
     from tpi.cluster_config import Link, parse_cluster_config
     from tpi.comm import trace
@@ -252,44 +226,50 @@ def part_emulate(args, cfg: dict) -> str:
         "name": "bench-comm", "model": "embedded", "dtype": "float32", "join_timeout": 900,
         "master": {"port": 5555, "http_port": 8000, "threads": 1},
         "workers": [{"rank": r, "threads": 1} for r in (1, 2)], "link": {"delay": "0ms", "rate": rate}}, "bench")
-
-    def generate(url: str, model: str) -> tuple[float, float]:
-        """One generation of --tokens tokens; (when it began, when it ended) on the traces' clock."""
-        t0 = time.perf_counter()
-        httpx.post(f"{url}/v1/completions", timeout=900, json={
-            "model": model, "prompt": PROMPT_IDS, "max_tokens": args.tokens, "temperature": 0,
-            "ignore_eos": True}).raise_for_status()
-        return t0, time.perf_counter()
-
-    rows = {d: {"rtt": [], "windows": []} for d in args.delays}
     OUT_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tpi-comm-trace-") as tmp:
         with traced(Path(tmp)), open(OUT_DIR / "comm_emulate.log", "w") as log, Emulation(ccfg, out=log) as emu:
-            model = _wait_ready(emu)
+            model = wait_ready(emu)
             probe = Probe(emu)
             try:
-                generate(emu.master_url, model)  # warm-up
-                for rnd in range(args.rounds):
-                    for d in args.delays[rnd % len(args.delays):] + args.delays[:rnd % len(args.delays)]:
-                        emu.network.set_link(Link(delay=f"{d:g}ms", rate=rate))
-                        rows[d]["rtt"].append(probe.rtt_ms() / 1000)
-                        rows[d]["windows"].append(generate(emu.master_url, model))
-                        print(f"round {rnd + 1} delay {d} ms done", file=sys.stderr)
+                runs = {d: emulated_sample(emu, model, probe, Link(delay=f"{d:g}ms", rate=rate), args.tokens)
+                        for d in args.delays}
+                runs[args.delays[0]]()  # one warm-up generation for all delays
+                rows = rounds(runs, args.rounds, warmup=0, report=lambda k, d, _: print(
+                    f"round {k + 1} delay {d:g} ms done", file=sys.stderr))
             finally:
                 probe.close()
             how = emu.network.delay_with
         calls = trace.per_call(trace.load(tmp, 3))  # saved as the ranks stopped
     med = statistics.median
-    lines = [f"## 3. `tpi emulate`, star, 3 ranks, {rate}, delay by {how}: communication per decoded token "
-             "(last in to last out)", "", f"floor = 2 x {layers} layers x (round trip + {nbytes} B / bandwidth)", "",
-             "| one-way delay ms | round trip ms (probe) | comm ms/token | floor ms/token | comm / floor |",
-             "|---:|---:|---:|---:|---:|"]
-    for d, r in rows.items():
-        comm = med([t for a, b in r["windows"] for t in trace.per_token(calls, a, b)])
-        floor = 2 * layers * (med(r["rtt"]) + nbytes * 8 / Link(rate=rate).rate_bps)
-        lines.append(f"| {d:g} | {1000 * med(r['rtt']):.2f} | {1000 * comm:.1f} | {1000 * floor:.1f} | "
-                     f"{comm / floor:.2f}x |")
-    return "\n".join(lines)
+    cells = []
+    for d, samples in rows.items():
+        rtt = med(r["rtt"] for r in samples)
+        comm = med([t for r in samples for t in trace.per_token(calls, *r["window"])])
+        floor = 2 * layers * (rtt + nbytes * 8 / Link(rate=rate).rate_bps)
+        cells.append([f"{d:g}", f"{1000 * rtt:.2f}", f"{1000 * comm:.1f}", f"{1000 * floor:.1f}",
+                      f"{comm / floor:.2f}x"])
+    title = (f"## 3. `tpi emulate`, star, 3 ranks, {rate}, delay by {how}: communication per decoded token "
+             f"(last in to last out)\n\nfloor = 2 x {layers} layers x (round trip + {nbytes} B / bandwidth)")
+    cols = ["one-way delay ms", "round trip ms (probe)", "comm ms/token", "floor ms/token", "comm / floor"]
+    return f"{title}\n\n{table(cols, cells, 'rrrrr')}"
+
+
+def emulated_sample(emu, model: str, probe, link, tokens: int) -> Callable[[], dict]:
+    """A rounds run of part 3: the links reshaped to `link`, the probe's round trip (s), then one
+    generation of `tokens` tokens through the HTTP API and its window on the traces' clock."""
+    import httpx
+
+    def run() -> dict:
+        emu.network.set_link(link)
+        rtt = probe.rtt_ms() / 1000
+        t0 = time.perf_counter()
+        httpx.post(f"{emu.master_url}/v1/completions", timeout=900, json={
+            "model": model, "prompt": EMBEDDED_PROMPT_IDS, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True}).raise_for_status()
+        return {"rtt": rtt, "window": (t0, time.perf_counter())}
+
+    return run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -336,9 +316,8 @@ def main(argv: list[str] | None = None) -> None:
                  "## 3. `tpi emulate`: not measured in this run (pass --emulate; needs root)")
     text = "\n\n".join(parts) + "\n"
     print(text)
-    OUT_DIR.mkdir(exist_ok=True)
-    (OUT_DIR / "comm_generation.md").write_text(text)
-    print(f"wrote {OUT_DIR / 'comm_generation.md'} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    write_report(OUT_DIR, "comm_generation.md", text)
+    print(f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ beside the network's floor.
 
 One emulated cluster (``tpi.emulate.Emulation``, what `tpi emulate` runs) serves the whole sweep:
 its links are reshaped between measurements (``Network.set_link``), and each round visits every
-(rate, delay) setting once, in an order rotating from round to round, so that the machine's slow
-drifts hit every setting alike. Per setting and round:
+(rate, delay) setting once, in a new random order each round (common.rounds), so that the
+machine's slow drifts hit every setting alike. Per setting and round:
 - a probe: a 2304-byte message from rank 0's namespace to rank 1's and a 2304-byte answer, over
   TCP, the median of 30: what one allreduce's traffic costs on the emulated links, no compute;
 - one greedy generation of --tokens tokens through the master's HTTP API (ignore_eos). ms/token
@@ -40,17 +40,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from common import EMBEDDED_PROMPT_IDS, OUT_DIR, rounds, save_plot, table, write_report
 from prometheus_client.parser import text_string_to_metric_families
 
 from tpi.cluster_config import Link, parse_cluster_config
 from tpi.emulate import Emulation, check_prerequisites
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-PROMPT_IDS = [1, 9690, 314, 253, 3575, 282, 4649, 47, 2]  # a SmolLM2 chat prompt: "What is ..."
 PROBE_PORT, PROBE_BYTES, PROBE_REPS = 7000, 2304, 30
 ECHO = """
 import socket, sys
@@ -109,7 +109,7 @@ def _generate(url: str, model: str, tokens: int) -> tuple[float, float]:
     """(decode ms/token, rank 0's ms per allreduce) of one greedy generation."""
     before = _metrics(url)
     r = httpx.post(f"{url}/v1/completions", timeout=600, json={
-        "model": model, "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+        "model": model, "prompt": EMBEDDED_PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
     r.raise_for_status()
     after = _metrics(url)
 
@@ -147,7 +147,7 @@ class Probe:
         self.server.wait(10)
 
 
-def _wait_ready(emu: Emulation, timeout: float = 900) -> str:
+def wait_ready(emu: Emulation, timeout: float = 900) -> str:
     """Poll /health until every worker has joined (they fetch their shards first); the model id."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -177,21 +177,14 @@ def run(args: argparse.Namespace) -> tuple[list[Row], str]:
     OUT_DIR.mkdir(exist_ok=True)
     with open(OUT_DIR / "emulate.log", "w") as log, Emulation(cfg, out=log) as emu:
         print(emu.describe(), flush=True)
-        model = _wait_ready(emu)
-        _generate(emu.master_url, model, args.tokens)  # warm-up
+        model = wait_ready(emu)
         probe = Probe(emu)
         try:
-            for rnd in range(args.rounds):
-                for k in range(len(settings)):
-                    rate, delay = settings[(k + rnd) % len(settings)]
-                    emu.network.set_link(Link(delay=f"{delay:g}ms", rate=rate))
-                    row = rows[(rate, delay)]
-                    row.probe_ms.append(probe.rtt_ms())
-                    ms_tok, ms_ar = _generate(emu.master_url, model, args.tokens)
-                    row.ms_per_token.append(ms_tok)
-                    row.allreduce_ms.append(ms_ar)
-                    print(f"round {rnd + 1}/{args.rounds} {rate:>8} {delay:g} ms: {ms_tok:7.1f} ms/token, "
-                          f"allreduce {ms_ar:.2f} ms, probe {row.probe_ms[-1]:.2f} ms", flush=True)
+            _generate(emu.master_url, model, args.tokens)  # one warm-up generation for all settings
+            runs = {s: setting_run(emu, model, probe, rows[s], args.tokens) for s in settings}
+            rounds(runs, args.rounds, warmup=0, report=lambda k, s, _: print(
+                f"round {k + 1}/{args.rounds} {s[0]:>8} {s[1]:g} ms: {rows[s].ms_per_token[-1]:7.1f} ms/token, "
+                f"allreduce {rows[s].allreduce_ms[-1]:.2f} ms, probe {rows[s].probe_ms[-1]:.2f} ms", flush=True))
         finally:
             probe.close()
         delay_with = {"netem": "netem", "proxy": "tpi's delay proxy (no netem here)"}.get(emu.network.delay_with,
@@ -199,7 +192,20 @@ def run(args: argparse.Namespace) -> tuple[list[Row], str]:
     return [rows[s] for s in settings], delay_with
 
 
-def table(rows: list[Row], args: argparse.Namespace, delay_with: str) -> str:
+def setting_run(emu: Emulation, model: str, probe: Probe, row: Row, tokens: int) -> Callable[[], None]:
+    """A rounds run of one setting: the links reshaped, the probe, one generation, kept in `row`."""
+    def run() -> None:
+        emu.network.set_link(Link(delay=f"{row.delay_ms:g}ms", rate=row.rate))
+        rtt = probe.rtt_ms()
+        ms_tok, ms_ar = _generate(emu.master_url, model, tokens)
+        row.probe_ms.append(rtt)
+        row.ms_per_token.append(ms_tok)
+        row.allreduce_ms.append(ms_ar)
+
+    return run
+
+
+def emulate_table(rows: list[Row], args: argparse.Namespace, delay_with: str) -> str:
     med = statistics.median
     r0 = rows[0]
     lines = [
@@ -213,40 +219,33 @@ def table(rows: list[Row], args: argparse.Namespace, delay_with: str) -> str:
         "added by the delay: ms/token minus that of the same rate at delay 0, beside the floor's delay part "
         f"2 x {r0.layers} x 2 x delay.",
         "",
-        "| rate | one-way delay ms | probe RTT ms | allreduce ms/call | ms/token | floor ms/token | measured/floor "
-        "| added by the delay ms/token | floor's delay part |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r.rate: med(r.ms_per_token) for r in rows if r.delay_ms == 0}
+    cells = []
     for r in rows:
         ms = med(r.ms_per_token)
         added = f"{ms - base[r.rate]:.1f}" if r.delay_ms > 0 and r.rate in base else "-"
-        lines.append(f"| {r.rate} | {r.delay_ms:g} | {med(r.probe_ms):.2f} | {med(r.allreduce_ms):.2f} | {ms:.1f} | "
-                     f"{r.floor_ms:.1f} | {ms / r.floor_ms:.2f} | {added} | {4 * r.layers * r.delay_ms:.0f} |")
-    return "\n".join(lines) + "\n"
+        cells.append([r.rate, f"{r.delay_ms:g}", f"{med(r.probe_ms):.2f}", f"{med(r.allreduce_ms):.2f}", f"{ms:.1f}",
+                      f"{r.floor_ms:.1f}", f"{ms / r.floor_ms:.2f}", added, f"{4 * r.layers * r.delay_ms:.0f}"])
+    cols = ["rate", "one-way delay ms", "probe RTT ms", "allreduce ms/call", "ms/token", "floor ms/token",
+            "measured/floor", "added by the delay ms/token", "floor's delay part"]
+    return "\n".join(lines) + table(cols, cells, "lrrrrrrrr") + "\n"
 
 
 def plot(rows: list[Row], path: Path) -> bool:
-    try:
-        import matplotlib
+    """ms/token against the delay, one line per rate, the floors dashed."""
+    def draw(axes: list) -> None:
+        ax = axes[0]
+        for i, rate in enumerate(dict.fromkeys(r.rate for r in rows)):
+            rs = [r for r in rows if r.rate == rate]
+            x = [r.delay_ms for r in rs]
+            ax.plot(x, [statistics.median(r.ms_per_token) for r in rs], "o-", color=f"C{i}", label=f"measured, {rate}")
+            ax.plot(x, [r.floor_ms for r in rs], "--", color=f"C{i}", label=f"floor, {rate}")
+        ax.set(xlabel="one-way link delay (ms)", ylabel="decode ms/token", ylim=(0, None),
+               title=f"tpi emulate: {rows[0].layers}-layer SmolLM2-135M on 3 ranks")
+        ax.legend(fontsize=8)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, rate in enumerate(dict.fromkeys(r.rate for r in rows)):
-        rs = [r for r in rows if r.rate == rate]
-        x = [r.delay_ms for r in rs]
-        ax.plot(x, [statistics.median(r.ms_per_token) for r in rs], "o-", color=f"C{i}", label=f"measured, {rate}")
-        ax.plot(x, [r.floor_ms for r in rs], "--", color=f"C{i}", label=f"floor, {rate}")
-    ax.set(xlabel="one-way link delay (ms)", ylabel="decode ms/token", ylim=(0, None),
-           title=f"tpi emulate: {rows[0].layers}-layer SmolLM2-135M on 3 ranks")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+    return save_plot(path, draw, panel_size=(6.5, 4.2))
 
 
 def main() -> None:
@@ -264,12 +263,11 @@ def main() -> None:
     args.rates = args.rates.split(",")
     check_prerequisites()
     rows, delay_with = run(args)
-    text = table(rows, args, delay_with)
+    text = emulate_table(rows, args, delay_with)
     print()
     print(text)
-    (OUT_DIR / "emulate.md").write_text(text)
-    if plot(rows, OUT_DIR / "emulate.png"):
-        print(f"wrote {OUT_DIR / 'emulate.md'} and {OUT_DIR / 'emulate.png'}")
+    write_report(OUT_DIR, "emulate.md", text)
+    plot(rows, OUT_DIR / "emulate.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ Detection: a 64-token greedy generation is streamed on LocalCluster (3 ranks, 1 
 (a hung process: libzmq's heartbeats time out after --lost-timeout); the time from the signal to
 the request's error. Recovery: `restart_worker` (kill, spawn, load, rejoin) until the master has
 welcomed the new process, then the first request's latency. Medians of --repeats.
-CURVE: ms/token of the same generation with plain TCP and with CURVE, rounds alternating.
+CURVE: ms/token of the same generation with plain TCP and with CURVE, both clusters alive at once,
+in rounds of a new random order (common.rounds).
+
+Writes the tables to stdout and bench/out/faults.md. Does not know: tpi's internals beyond
+``LocalCluster`` (worker pids, restart_worker, health).
 
     python bench/faults.py [--model DIR] [--repeats 5] [--tokens 64]
 """
@@ -19,10 +23,11 @@ import signal
 import statistics
 import time
 
+from common import EMBEDDED_PROMPT_IDS as PROMPT
+from common import OUT_DIR, rounds, table, write_report
+
 from tpi import ClusterError, LocalCluster
 from tpi.embedded import default_model_dir
-
-PROMPT = [1, 9690, 314, 253, 3575, 282, 4649, 47, 2]
 
 
 def _fail_after(cluster: LocalCluster, fault, tokens: int) -> float:
@@ -57,22 +62,23 @@ def detection(model: str, repeats: int, tokens: int, lost_timeout: float) -> dic
             out["stop_detect_s"].append(_fail_after(c, lambda pid=pid: os.kill(pid, signal.SIGSTOP), tokens))
             os.kill(pid, signal.SIGCONT)
             t0 = time.monotonic()
-            while c.health()["missing"]:
+            while c.health().missing:
                 time.sleep(0.05)
             out["rejoin_s"].append(time.monotonic() - t0)
     return out
 
 
 def curve_cost(model: str, repeats: int, tokens: int) -> dict[str, list[float]]:
-    out = {"plain": [], "curve": []}
+    """Decode ms/token with plain TCP and with CURVE."""
+    def ms_per_token(cluster: LocalCluster):
+        def run() -> float:
+            done = cluster.generate_full(PROMPT, tokens, ignore_eos=True)
+            return 1000 * done["decode_s"] / (len(done["ids"]) - 1)
+
+        return run
+
     with LocalCluster(model, 3) as plain, LocalCluster(model, 3, curve=True) as curve:
-        for c in (plain, curve):
-            c.generate(PROMPT, 4)
-        for i in range(repeats):
-            for name, c in (("plain", plain), ("curve", curve))[:: 1 if i % 2 == 0 else -1]:
-                done = c.generate_full(PROMPT, tokens, ignore_eos=True)
-                out[name].append(1000 * done["decode_s"] / (len(done["ids"]) - 1))
-    return out
+        return rounds({"plain": ms_per_token(plain), "curve": ms_per_token(curve)}, repeats)
 
 
 def main() -> None:
@@ -85,18 +91,16 @@ def main() -> None:
     model = args.model or str(default_model_dir())
     det = detection(model, args.repeats, args.tokens, args.lost_timeout)
     cost = curve_cost(model, args.repeats, args.tokens)
-    lines = [f"model {os.path.basename(model)}, 3 ranks x 1 thread, lost_timeout {args.lost_timeout:g} s, "
-             f"medians of {args.repeats}", "", "| measure | median | min | max |", "|---|---|---|---|"]
-    for k, v in det.items():
-        lines.append(f"| {k} | {statistics.median(v):.2f} s | {min(v):.2f} | {max(v):.2f} |")
     p, c = statistics.median(cost["plain"]), statistics.median(cost["curve"])
-    lines += ["", "| links | ms/token (median) | ratio to plain |", "|---|---|---|",
-              f"| plain TCP | {p:.1f} | 1.00 |", f"| CURVE | {c:.1f} | {c / p:.2f} |"]
-    text = "\n".join(lines)
+    text = "\n".join([
+        f"model {os.path.basename(model)}, 3 ranks x 1 thread, lost_timeout {args.lost_timeout:g} s, "
+        f"medians of {args.repeats}", "",
+        table(["measure", "median", "min", "max"],
+              [[k, f"{statistics.median(v):.2f} s", f"{min(v):.2f}", f"{max(v):.2f}"] for k, v in det.items()]), "",
+        table(["links", "ms/token (median)", "ratio to plain"],
+              [["plain TCP", f"{p:.1f}", "1.00"], ["CURVE", f"{c:.1f}", f"{c / p:.2f}"]])])
     print(text)
-    os.makedirs("bench/out", exist_ok=True)
-    with open("bench/out/faults.md", "w") as f:
-        f.write(text + "\n")
+    write_report(OUT_DIR, "faults.md", text)
 
 
 if __name__ == "__main__":

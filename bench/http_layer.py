@@ -1,7 +1,7 @@
 """The cost of the HTTP layer: `tpi serve` with streaming chat completions against ``LocalCluster``.
 
 Both run the embedded SmolLM2-135M-Instruct on 3 local ranks (float32, 1 torch thread per rank) and
-are alive at once; each round measures, the order rotating from round to round:
+are alive at once; each round measures, in a new random order each round (common.rounds):
 
   (a) HTTP, one client: a streaming chat completion (httpx) to a `tpi serve --world-size 3` child
       process, temperature 0, ``max_tokens`` N and ``ignore_eos``, so that it makes exactly N tokens;
@@ -31,7 +31,6 @@ import os
 import platform
 import queue
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,16 +44,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+from common import OUT_DIR, ROOT, command_line, exit_on_sigterm, git_revision, rounds, table, write_report
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-OUT_DIR = BENCH_DIR / "out"
 WORLD_SIZE = 3
 PROMPT = "Write a long story about a dragon."
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 600.0
-SETTLE_S = 0.5
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -220,19 +216,15 @@ class Route:
 
 
 def measure(paths: list[Route], repeats: int) -> None:
-    """One warm-up each, then `repeats` rounds over every path, the order rotating each round."""
-    for p in paths:
-        t0 = time.perf_counter()
-        p.run()
-        print(f"  warm-up {p.path} x {p.clients}: {time.perf_counter() - t0:.1f} s", flush=True)
-    for r in range(repeats):
-        k = r % len(paths)
-        for p in paths[k:] + paths[:k]:
-            time.sleep(SETTLE_S)
-            p.rounds.append(p.run())
-            ttft = ", ".join(f"{1000 * s.ttft_s:.0f}" for s in p.rounds[-1])
-            tps = ", ".join(f"{s.tokens_per_s:.2f}" for s in p.rounds[-1])
-            print(f"  round {r + 1} {p.path} x {p.clients}: TTFT {ttft} ms; {tps} tokens/s", flush=True)
+    """Every path in rounds (common.rounds: a warm-up each, then a new random order each round)."""
+    def report(k: int, name: str, samples: list[Sample]) -> None:
+        ttft = ", ".join(f"{1000 * s.ttft_s:.0f}" for s in samples)
+        tps = ", ".join(f"{s.tokens_per_s:.2f}" for s in samples)
+        print(f"  round {k + 1} {name}: TTFT {ttft} ms; {tps} tokens/s", flush=True)
+
+    got = rounds({f"{p.path} x {p.clients}": p.run for p in paths}, repeats, report=report)
+    for p, samples in zip(paths, got.values()):
+        p.rounds = samples
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -240,32 +232,20 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}"
 
 
-def table(http1: Route, httpk: Route, lc: Route) -> str:
-    head = ("| path | clients | TTFT median ms | TTFT max ms | tokens/s per client | aggregate tokens/s "
-            "| tokens per request | HTTP/LC TTFT | HTTP/LC tokens/s per client | HTTP/LC aggregate |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+def http_table(http1: Route, httpk: Route, lc: Route) -> str:
+    cols = ["path", "clients", "TTFT median ms", "TTFT max ms", "tokens/s per client", "aggregate tokens/s",
+            "tokens per request", "HTTP/LC TTFT", "HTTP/LC tokens/s per client", "HTTP/LC aggregate"]
+    cells = []
     for p in (http1, httpk):
         ratios = [_ratio(p.ttft_ms(), lc.ttft_ms()), _ratio(p.tokens_per_s(), lc.tokens_per_s()),
                   _ratio(p.aggregate(), lc.aggregate())]
-        rows.append(f"| HTTP | {p.clients} | {p.ttft_ms():.0f} | {p.ttft_ms(max):.0f} "
-                    f"| {p.tokens_per_s():.2f} | {p.aggregate():.2f} | {p.tokens()} | {' | '.join(ratios)} |")
+        cells.append(["HTTP", p.clients, f"{p.ttft_ms():.0f}", f"{p.ttft_ms(max):.0f}", f"{p.tokens_per_s():.2f}",
+                      f"{p.aggregate():.2f}", p.tokens(), *ratios])
     for k in (1, httpk.clients):
         note = "" if k == 1 else " (sequential: the 1-client figures)"
-        rows.append(f"| LocalCluster | {k}{note} | {lc.ttft_ms():.0f} | {lc.ttft_ms(max):.0f} "
-                    f"| {lc.tokens_per_s():.2f} | {lc.aggregate():.2f} | {lc.tokens()} "
-                    "| 1.00 | 1.00 | 1.00 |")
-    return "\n".join(rows)
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tpi", "launcher"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown revision"
-    return f"commit {rev}" + (" + uncommitted changes in tpi/ or launcher/" if dirty else "")
+        cells.append(["LocalCluster", f"{k}{note}", f"{lc.ttft_ms():.0f}", f"{lc.ttft_ms(max):.0f}",
+                      f"{lc.tokens_per_s():.2f}", f"{lc.aggregate():.2f}", lc.tokens(), "1.00", "1.00", "1.00"])
+    return table(cols, cells)
 
 
 def report(paths: list[Route], args: argparse.Namespace, server_cmd: list[str]) -> str:
@@ -278,7 +258,7 @@ def report(paths: list[Route], args: argparse.Namespace, server_cmd: list[str]) 
         (f"embedded SmolLM2-135M-Instruct, float32, {WORLD_SIZE} rank processes on loopback, 1 torch thread "
          f"each; prompt {PROMPT!r} (chat template), greedy, {args.new_tokens} new tokens"),
         (f"medians of {args.repeats} rounds after one warm-up each; the server and the cluster are alive at "
-         "once and each round runs every path once, the order rotating"),
+         "once and each round runs every path once, in a new random order"),
         (f"server: `{shlex.join(['python', *server_cmd[1:]])}`; streamed chat completions (httpx) with "
          f"`max_tokens` {args.new_tokens}, `ignore_eos`, `temperature` 0"),
         ("TTFT: the caller's send to the first content chunk (first token event for LocalCluster); tokens/s "
@@ -291,10 +271,10 @@ def report(paths: list[Route], args: argparse.Namespace, server_cmd: list[str]) 
         (f"LocalCluster as its master reports it (`done` event): TTFT {engine_ttft:.0f} ms, {engine_tps:.2f} "
          "tokens/s; the difference to its row is the control channel"),
         "ratios: HTTP / LocalCluster single client (TTFT: > 1 is slower; tokens/s: < 1 is slower)",
-        f"command: `{shlex.join(['python', 'bench/http_layer.py', *sys.argv[1:]])}`",
+        f"command: `{command_line('http_layer.py')}`",
     ]
     title = "# tpi HTTP layer: `tpi serve` streaming chat completions vs LocalCluster"
-    return "\n".join([title, "", *(f"- {n}" for n in notes), "", table(http1, httpk, lc), ""])
+    return "\n".join([title, "", *(f"- {n}" for n in notes), "", http_table(http1, httpk, lc), ""])
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -318,7 +298,7 @@ def model_name(client: httpx.Client, url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `finally` that stops the server runs
+    exit_on_sigterm()  # so the `finally` that stops the server runs
     from tpi import LocalCluster
     from tpi.embedded import default_model_dir
 
@@ -337,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         server_cmd = server.cmd
     text = report(paths, args, server_cmd)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http.md").write_text(text)
-    print(f"wrote {args.out / 'http.md'}")
+    write_report(args.out, "http.md", text)
     return 0
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from common import OUT_DIR, SHAPES, command_line, int_list, rounds, save_plot, table, write_llama, write_report
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 MODELS = ("smollm2", "random100m")
 PROMPT_TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, a "
@@ -85,19 +83,6 @@ class Row:
 
 
 # -- models and prompts ------------------------------------------------------------------------
-def build_random_llama(path: Path, seed: int = 0) -> int:
-    """Save a seeded random ~100M-parameter float32 Llama to `path`; return its parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                         intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(path)
-    return model.num_parameters()
-
-
 def model_dir(name: str, scratch: Path) -> Path:
     """The checkpoint folder for `name`: the embedded SmolLM2, or a random Llama built in `scratch`."""
     if name == "smollm2":
@@ -105,7 +90,7 @@ def model_dir(name: str, scratch: Path) -> Path:
 
         return default_model_dir()
     path = scratch / name
-    n = build_random_llama(path)
+    n = write_llama(path, SHAPES[name])
     print(f"[{name}] built a seeded random Llama with {n / 1e6:.1f}M parameters in {path}", flush=True)
     return path
 
@@ -125,7 +110,6 @@ def prompt_ids(name: str, path: Path, n: int, vocab_size: int, seed: int = 0) ->
 
 # -- measurement -------------------------------------------------------------------------------
 Runner = Callable[[], Sample]
-SETTLE_S = 0.2  # between runs: OpenMP threads of the previous run stop spinning, so they steal no core
 
 
 def eos_ids(model) -> set[int]:
@@ -170,16 +154,10 @@ def tpi_runner(cluster, ids: list[int], new_tokens: int) -> Runner:
 
 
 def measure(configs: list[tuple[Row, Runner]], repeats: int) -> list[Row]:
-    """One warm-up each, then `repeats` rounds over every configuration, rotating the order each
-    round, so that the machine's slow drifts hit every configuration alike."""
-    for _, run in configs:
-        run()
-    for r in range(repeats):
-        k = r % len(configs)
-        for row, run in configs[k:] + configs[:k]:
-            time.sleep(SETTLE_S)
-            row.samples.append(run())
-    for row, _ in configs:
+    """Every configuration in rounds (common.rounds: a warm-up, then a new random order each round)."""
+    samples = rounds({f"{row.runtime}/{row.world_size}/{row.threads}": run for row, run in configs}, repeats)
+    for (row, _), got in zip(configs, samples.values()):
+        row.samples = got
         print(f"  {row.runtime:12s} {row.world_size} × {row.threads}: TTFT {row.ttft_ms:8.1f} ms, "
               f"{row.ms_per_token:7.2f} ms/token", flush=True)
     return [row for row, _ in configs]
@@ -212,20 +190,19 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> list[Row]
 def header(args: argparse.Namespace) -> str:
     cpus = os.cpu_count()
     hf_threads = ", ".join(map(str, args.hf_threads))
-    command = shlex.join(["python", "bench/latency.py", *sys.argv[1:]])
     bullets = [
         (f"{platform.machine()}, {cpus} logical CPUs, torch {torch.__version__}, "
          f"transformers {_transformers_version()}, float32"),
         (f"prompt {args.prompt_tokens} tokens, up to {args.new_tokens} new tokens (greedy); medians of "
-         f"{args.repeats} rounds after one warm-up; every configuration is alive at once and measured in "
-         "turn each round, so that the machine's drifts hit them alike"),
+         f"{args.repeats} rounds after one warm-up; every configuration is alive at once and each round measures "
+         "every one once, in a new random order, so that the machine's drifts hit them alike"),
         (f"tpi: every rank its own process on loopback, {args.threads} torch thread(s) each; "
          f"transformers: one process, {hf_threads} thread(s)"),
         (f"**All processes share this machine's {cpus} cores: this measures tpi's overhead "
          "(process hops, ZeroMQ allreduces), not the speed-up of separate devices.**"),
         ("ratio = tpi / transformers with the thread count named (< 1: tpi is faster); tokens identical: "
          "every repeat's greedy tokens equal transformers' (the first thread count's)"),
-        f"command: `{command}`",
+        f"command: `{command_line('latency.py')}`",
     ]
     title = "# tpi latency: LocalCluster vs transformers, same weights"
     return "\n".join([title, "", *(f"- {b}" for b in bullets)])
@@ -237,55 +214,40 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def table(rows: list[Row], hf_threads: list[int]) -> str:
+def latency_table(rows: list[Row], hf_threads: list[int]) -> str:
     """One markdown table: transformers rows first per model, tpi rows with ratios against them."""
     ratio_cols = [f"{what} ÷ HF {t}t" for t in hf_threads for what in ("TTFT", "ms/token")]
     cols = ["model", "runtime", "procs × threads", "TTFT ms", "ms/token", *ratio_cols, "new tokens",
             "tokens identical"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cells = []
     for row in rows:
         refs = [r for r in rows if r.model == row.model and r.runtime == "transformers"]
         ratios = [f"{v:.2f}" for ref in refs
                   for v in (row.ttft_ms / ref.ttft_ms, row.ms_per_token / ref.ms_per_token)]
-        same = "yes" if row.identical_to(refs[0]) else "no"
-        lines.append("| " + " | ".join([
-            row.model, row.runtime, f"{row.world_size} × {row.threads}", f"{row.ttft_ms:.1f}",
-            f"{row.ms_per_token:.2f}", *ratios, str(len(row.ids)), same]) + " |")
-    return "\n".join(lines)
+        cells.append([row.model, row.runtime, f"{row.world_size} × {row.threads}", f"{row.ttft_ms:.1f}",
+                      f"{row.ms_per_token:.2f}", *ratios, len(row.ids), "yes" if row.identical_to(refs[0]) else "no"])
+    return table(cols, cells)
 
 
 def plot(rows: list[Row], path: Path) -> bool:
     """ms/token against world size, one panel per model, transformers as horizontal lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
     models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        tpi = [r for r in rows if r.model == name and r.runtime == "tpi"]
-        ax.plot([r.world_size for r in tpi], [r.ms_per_token for r in tpi], "o-", label="tpi LocalCluster")
-        for i, r in enumerate(r for r in rows if r.model == name and r.runtime == "transformers"):
-            ax.axhline(r.ms_per_token, color=f"C{i + 1}", ls="--", label=f"transformers, {r.threads} thread(s)")
-        ax.set(title=name, xlabel="world size (processes)", ylabel="decode ms/token",
-               xticks=[r.world_size for r in tpi], ylim=(0, None))
-        ax.legend(fontsize=8)
-    fig.suptitle("Decode latency on one machine (ranks share the cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+
+    def draw(axes: list) -> None:
+        for ax, name in zip(axes, models):
+            tpi = [r for r in rows if r.model == name and r.runtime == "tpi"]
+            ax.plot([r.world_size for r in tpi], [r.ms_per_token for r in tpi], "o-", label="tpi LocalCluster")
+            for i, r in enumerate(r for r in rows if r.model == name and r.runtime == "transformers"):
+                ax.axhline(r.ms_per_token, color=f"C{i + 1}", ls="--", label=f"transformers, {r.threads} thread(s)")
+            ax.set(title=name, xlabel="world size (processes)", ylabel="decode ms/token",
+                   xticks=[r.world_size for r in tpi], ylim=(0, None))
+            ax.legend(fontsize=8)
+
+    return save_plot(path, draw, panels=len(models), panel_size=(5, 4),
+                     title="Decode latency on one machine (ranks share the cores)")
 
 
 # -- command line ------------------------------------------------------------------------------
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def model_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in MODELS]
@@ -323,13 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tpi-bench-") as scratch:
         rows = [row for name in args.models for row in bench_model(name, args, Path(scratch))]
-    report = f"{header(args)}\n\n{table(rows, args.hf_threads)}\n"
+    report = f"{header(args)}\n\n{latency_table(rows, args.hf_threads)}\n"
     print("\n" + report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.md").write_text(report)
-    print(f"wrote {args.out / 'latency.md'}")
-    if plot(rows, args.out / "latency.png"):
-        print(f"wrote {args.out / 'latency.png'}")
+    write_report(args.out, "latency.md", report)
+    plot(rows, args.out / "latency.png")
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

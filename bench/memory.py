@@ -2,7 +2,7 @@
 
 Writes a seeded random-weight checkpoint with Llama-2-70B's layer shape (hidden 8192, 64 heads,
 8 KV heads, FFN 28672, vocab 32000, float16) but only 4 layers (about 7.9 GB), then 6 layers when
-the disk has room, tensor by tensor: one layer per safetensors shard file, never the whole model in
+the disk has room, with common.write_llama: one layer per safetensors file, never the whole model in
 memory. The 4-layer checkpoint is the first 4 layers of the 6-layer one (hard links). For each layer
 count: split for 8 ranks (float16), start ``LocalCluster(world_size=8, window=2,
 memory_budget="1GB", max_context=4096, threads=1)``, generate 3 tokens from an 8-token prompt
@@ -14,9 +14,9 @@ Llama 2-70B at world size 8), and per-device peak memory that does not grow from
 The page cache is not dropped: peak RSS is the processes' own memory; the page cache holding the
 block files is the kernel's, reclaimable, and not counted in it.
 
-Writes the tables to stdout and bench/out/memory.md, and a plot to bench/out/memory.png.
-Also holds the random-checkpoint writer that bench/streaming.py imports. Does not know: tpi's
-internals beyond ``LocalCluster``, ``split_cached`` and the manifest.
+Writes the tables to stdout and bench/out/memory.md, and a plot to bench/out/memory.png. Does not
+know: tpi's internals beyond ``LocalCluster``, ``split_cached``, the manifest and the activation
+bound each rank reserves (``tpi.rank_model._activation_bytes``).
 
     python bench/memory.py                      # 4 and 6 layers, about 10-20 minutes
     python bench/memory.py --layers 4           # one layer count
@@ -25,91 +25,35 @@ internals beyond ``LocalCluster``, ``split_cached`` and the manifest.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
+from common import (
+    GB,
+    MB,
+    OUT_DIR,
+    SHAPES,
+    checkpoint_bytes,
+    command_line,
+    exit_on_sigterm,
+    git_revision,
+    int_list,
+    save_plot,
+    table,
+    write_llama,
+    write_report,
+)
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-GB, MB = 10**9, 10**6
+from tpi.stats import RankStats
+
 WORKER_TARGET, MASTER_TARGET, TPI_LLM_70B = 1.0 * GB, 1.5 * GB, 3.1 * GB
-LLAMA2_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-    "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
-    "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2,
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Spec = tuple[str, tuple[int, ...]]
-
-
-# -- a random checkpoint, written tensor by tensor ---------------------------------------------
-def layer_specs(cfg: dict, layer: int) -> list[Spec]:
-    """Names and shapes of one decoder layer's tensors, as HF names them."""
-    d, f = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    p = f"model.layers.{layer}."
-    return [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (d, d)),
-            (p + "self_attn.k_proj.weight", (kv, d)), (p + "self_attn.v_proj.weight", (kv, d)),
-            (p + "self_attn.o_proj.weight", (d, d)), (p + "post_attention_layernorm.weight", (d,)),
-            (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
-            (p + "mlp.down_proj.weight", (d, f))]
-
-
-def shard_specs(cfg: dict, layers: int) -> dict[str, list[Spec]]:
-    """Shard file name -> its tensors: the embedding, one file per layer, then norm + LM head."""
-    d, v = cfg["hidden_size"], cfg["vocab_size"]
-    shards = {"embed.safetensors": [("model.embed_tokens.weight", (v, d))]}
-    shards |= {f"layer-{i:03d}.safetensors": layer_specs(cfg, i) for i in range(layers)}
-    shards["head.safetensors"] = [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
-    return shards
-
-
-def checkpoint_bytes(cfg: dict, layers: int, dtype: torch.dtype) -> int:
-    size = torch.tensor([], dtype=dtype).element_size()
-    return sum(math.prod(s) * size for specs in shard_specs(cfg, layers).values() for _, s in specs)
-
-
-def _random(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    if name.endswith("norm.weight"):  # norms near 1, as trained ones are
-        return torch.randn(shape, generator=gen).mul_(0.02).add_(1.0).to(dtype)
-    return torch.randn(shape, generator=gen).mul_(0.02).to(dtype)  # a float32 draw, one tensor at a time
-
-
-def write_shards(shards_dir: Path, cfg: dict, layers: int, dtype: torch.dtype, seed: int = 0) -> None:
-    """Every shard file of a `layers`-layer checkpoint, one at a time (at most one layer in memory).
-    Layer i's values depend only on (seed, i), so a shorter model is a prefix of a longer one."""
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    for k, (name, specs) in enumerate(shard_specs(cfg, layers).items()):
-        gen = torch.Generator().manual_seed(seed * 100_003 + (k if not name.startswith("head") else 99_999))
-        tensors = {n: _random(n, shape, dtype, gen) for n, shape in specs}
-        save_file(tensors, str(shards_dir / name), metadata={"format": "pt"})
-        del tensors
-
-
-def link_model(shards_dir: Path, model_dir: Path, cfg: dict, layers: int) -> Path:
-    """A checkpoint folder of the first `layers` layers: hard links to the shards, index, config."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    shards = shard_specs(cfg, layers)
-    for name in shards:
-        os.link(shards_dir / name, model_dir / name)
-    weight_map = {t: name for name, specs in shards.items() for t, _ in specs}
-    total = sum((model_dir / n).stat().st_size for n in shards)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (model_dir / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}, indent=1))
-    return model_dir
+LLAMA2_70B = SHAPES["llama70b"]
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -126,17 +70,18 @@ class LayerRun:
     ttft_s: float
     decode_s: float
     ids: list[int]
-    ranks: list[dict]
+    ranks: list[RankStats]
+    activation: list[int]  # per rank: the activation bound its plan reserves (inside fixed_bytes)
 
 
 def activation_reserve(shard_dir: Path, max_context: int) -> list[int]:
-    """The activation bytes each rank's plan reserves (inside fixed_bytes), from tpi's own formula."""
-    from tpi.forward import RankModel
+    """The activation bytes each rank's plan reserves (inside fixed_bytes), from tpi's own formula
+    (private: RankStats does not report it)."""
+    from tpi.rank_model import _activation_bytes
     from tpi.weights import Manifest
 
     m = Manifest.load(shard_dir)
-    return [RankModel._activation_bytes(SimpleNamespace(cfg=m.config, max_context=max_context, rank=s.rank), s)
-            for s in m.plan.shards]
+    return [_activation_bytes(m.config, s, s.rank, max_context) for s in m.plan.shards]
 
 
 def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argparse.Namespace) -> LayerRun:
@@ -150,8 +95,7 @@ def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argpars
     split_bytes = sum(p.stat().st_size for p in shard_dir.rglob("*.safetensors"))
     print(f"[{layers} layers] split for {args.world_size} ranks: {split_bytes / GB:.2f} GB in {split_s:.0f} s",
           flush=True)
-    prompt = torch.randint(LLAMA2_70B["vocab_size"], (args.prompt_tokens,),
-                           generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(LLAMA2_70B.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     t0 = time.perf_counter()
     with LocalCluster(model_dir, world_size=args.world_size, dtype="float16", window=args.window,
                       memory_budget=args.budget, max_context=args.max_context, threads=1, cache_dir=cache_dir,
@@ -162,12 +106,11 @@ def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argpars
         res = cluster.generate_full(prompt, max_new_tokens=args.new_tokens)
         generate_s = time.perf_counter() - t0
         ranks = cluster.stats()
-    for r, act in zip(ranks, activation_reserve(shard_dir, args.max_context)):
-        r["activation_bytes"] = act
+    activation = activation_reserve(shard_dir, args.max_context)
     ckpt = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     shutil.rmtree(shard_dir, ignore_errors=True)  # keep the disk at one split at a time
     return LayerRun(layers, ckpt, split_bytes, split_s, start_s, generate_s, res["ttft_s"], res["decode_s"],
-                    list(res["ids"]), ranks)
+                    list(res["ids"]), ranks, activation)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -175,18 +118,16 @@ def _mb(n: float) -> str:
     return f"{n / MB:,.0f}"
 
 
-def rank_row(r: dict) -> list[str]:
-    runtime = r["fixed_bytes"] - r["kv_cache_bytes"] - r["activation_bytes"]
-    held = r["planned_bytes"] - r["fixed_bytes"]  # pinned blocks + window x slot
-    expected = runtime + held + r["kv_cache_bytes"]
-    target = MASTER_TARGET if r["rank"] == 0 else WORKER_TARGET
-    ok = "yes" if r["peak_rss_bytes"] < target else "**NO**"
-    return [f"{r['rank']}{' (master)' if r['rank'] == 0 else ''}", _mb(r["peak_rss_bytes"]), f"{target / GB:.1f} GB",
-            ok, _mb(runtime), _mb(r["kv_cache_bytes"]), _mb(r["activation_bytes"]), _mb(r["fixed_bytes"]),
-            _mb(r["largest_block_bytes"]), str(r["window"]), _mb(r["window"] * r["largest_block_bytes"]),
-            f"{r['pinned_blocks']} / {r['streamed_blocks']}", _mb(r["block_bytes"]), _mb(held), _mb(expected),
-            _mb(r["planned_bytes"]),
-            _mb(r["bytes_read"]), str(r["steps"])]
+def rank_row(r: RankStats, activation: int) -> list[str]:
+    runtime = r.fixed_bytes - r.kv_cache_bytes - activation
+    held = r.planned_bytes - r.fixed_bytes  # pinned blocks + window x slot
+    expected = runtime + held + r.kv_cache_bytes
+    target = MASTER_TARGET if r.rank == 0 else WORKER_TARGET
+    ok = "yes" if r.peak_rss_bytes < target else "**NO**"
+    return [f"{r.rank}{' (master)' if r.rank == 0 else ''}", _mb(r.peak_rss_bytes), f"{target / GB:.1f} GB", ok,
+            _mb(runtime), _mb(r.kv_cache_bytes), _mb(activation), _mb(r.fixed_bytes), _mb(r.largest_block_bytes),
+            str(r.window), _mb(r.window * r.largest_block_bytes), f"{r.pinned_blocks} / {r.streamed_blocks}",
+            _mb(r.block_bytes), _mb(held), _mb(expected), _mb(r.planned_bytes), _mb(r.bytes_read), str(r.steps)]
 
 
 COLUMNS = ["rank", "peak RSS MB (VmHWM)", "target", "under", "runtime MB", "KV MB", "act. reserve MB",
@@ -195,21 +136,20 @@ COLUMNS = ["rank", "peak RSS MB (VmHWM)", "target", "under", "runtime MB", "KV M
            "runtime + weights held + KV MB", "planned MB (fixed + weights held)", "bytes read MB", "steps"]
 
 
-def table(run: LayerRun) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(rank_row(r)) + " |" for r in run.ranks]
-    return "\n".join(lines)
+def rank_table(run: LayerRun) -> str:
+    return table(COLUMNS, [rank_row(r, a) for r, a in zip(run.ranks, run.activation)])
 
 
 def run_summary(run: LayerRun) -> str:
-    workers = [r["peak_rss_bytes"] for r in run.ranks[1:]]
-    master = run.ranks[0]["peak_rss_bytes"]
+    workers = [r.peak_rss_bytes for r in run.ranks[1:]]
+    master = run.ranks[0].peak_rss_bytes
     return (f"checkpoint {run.checkpoint_bytes / GB:.2f} GB float16, split {run.split_bytes / GB:.2f} GB in "
             f"{run.split_s:.0f} s; cluster start {run.start_s:.0f} s; generate {len(run.ids)} tokens in "
             f"{run.generate_s:.0f} s (TTFT {run.ttft_s:.1f} s, decode {run.decode_s:.1f} s). "
             f"Master peak {master / MB:,.0f} MB (target < {MASTER_TARGET / MB:,.0f}); workers peak "
-            f"{min(workers) / MB:,.0f}-{max(workers) / MB:,.0f} MB (target < {WORKER_TARGET / MB:,.0f}); "
-            f"TPI-LLM: {TPI_LLM_70B / MB:,.0f} MB per device for the full 80 layers.")
+            f"{min(workers, default=0) / MB:,.0f}-{max(workers, default=0) / MB:,.0f} MB "
+            f"(target < {WORKER_TARGET / MB:,.0f}); TPI-LLM: {TPI_LLM_70B / MB:,.0f} MB per device for the full "
+            "80 layers.")
 
 
 def growth(runs: list[LayerRun]) -> str:
@@ -217,7 +157,7 @@ def growth(runs: list[LayerRun]) -> str:
     if len(runs) < 2:
         return "Only one layer count ran: no growth comparison."
     a, b = runs[0], runs[-1]
-    deltas = [rb["peak_rss_bytes"] - ra["peak_rss_bytes"] for ra, rb in zip(a.ranks, b.ranks)]
+    deltas = [rb.peak_rss_bytes - ra.peak_rss_bytes for ra, rb in zip(a.ranks, b.ranks)]
     worst = max(deltas, key=abs)
     added = (b.checkpoint_bytes - a.checkpoint_bytes) / len(a.ranks)
     return (f"Per-rank peak RSS change from {a.layers} to {b.layers} layers: "
@@ -228,7 +168,6 @@ def growth(runs: list[LayerRun]) -> str:
 
 
 def report(runs: list[LayerRun], args: argparse.Namespace, notes: list[str]) -> str:
-    command = shlex.join(["python", "bench/memory.py", *sys.argv[1:]])
     bullets = [
         (f"{os.cpu_count()} logical CPUs, torch {torch.__version__}; world size {args.world_size}, every rank its own "
          f"process on this machine, 1 torch thread each; split dtype float16"),
@@ -244,64 +183,39 @@ def report(runs: list[LayerRun], args: argparse.Namespace, notes: list[str]) -> 
          "fixed; the expected peak is about runtime + weights held + KV (+ this prompt's small activations)"),
         (f"targets: workers < {WORKER_TARGET / GB:.1f} GB, master < {MASTER_TARGET / GB:.1f} GB; TPI-LLM reports "
          f"{TPI_LLM_70B / GB:.1f} GB per device for Llama 2-70B at world size 8"),
-        f"tpi at {git_revision()}; command: `{command}`",
+        f"tpi at {git_revision()}; command: `{command_line('memory.py')}`",
     ]
     parts = ["# tpi memory at 70B scale (world size 8)", "", *(f"- {b}" for b in bullets + notes)]
     for run in runs:
-        parts += ["", f"## {run.layers} layers", "", run_summary(run), "", table(run)]
+        parts += ["", f"## {run.layers} layers", "", run_summary(run), "", rank_table(run)]
     parts += ["", growth(runs)]
     return "\n".join(parts) + "\n"
 
 
 def plot(runs: list[LayerRun], path: Path) -> bool:
     """Peak RSS per rank, one bar per layer count, with the 1 GB line (and the master's 1.5 GB)."""
-    try:
-        import matplotlib
+    def draw(axes: list) -> None:
+        ax, width = axes[0], 0.8 / len(runs)
+        for k, run in enumerate(runs):
+            xs = [r.rank + (k - (len(runs) - 1) / 2) * width for r in run.ranks]
+            ax.bar(xs, [r.peak_rss_bytes / GB for r in run.ranks], width, label=f"{run.layers} layers")
+        ax.axhline(WORKER_TARGET / GB, color="red", ls="--", label="1.0 GB (worker target)")
+        ax.axhline(MASTER_TARGET / GB, color="orange", ls=":", label="1.5 GB (master target)")
+        ax.set(xlabel="rank (0 = master)", ylabel="peak RSS, GB (VmHWM)", xticks=[r.rank for r in runs[0].ranks],
+               title="Llama-2-70B layer shape, world size 8, 1 GB budget, window 2")
+        ax.set_ylim(0, 1.9)
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(runs)
-    for k, run in enumerate(runs):
-        xs = [r["rank"] + (k - (len(runs) - 1) / 2) * width for r in run.ranks]
-        ax.bar(xs, [r["peak_rss_bytes"] / GB for r in run.ranks], width, label=f"{run.layers} layers")
-    ax.axhline(WORKER_TARGET / GB, color="red", ls="--", label="1.0 GB (worker target)")
-    ax.axhline(MASTER_TARGET / GB, color="orange", ls=":", label="1.5 GB (master target)")
-    ax.set(xlabel="rank (0 = master)", ylabel="peak RSS, GB (VmHWM)", xticks=[r["rank"] for r in runs[0].ranks],
-           title="Llama-2-70B layer shape, world size 8, 1 GB budget, window 2")
-    ax.set_ylim(0, 1.9)
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def git_revision() -> str:
-    """The repository's commit, with "+ uncommitted changes" when the tree is dirty."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tpi"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown revision"
-    return f"commit {rev}" + (" + uncommitted changes in tpi/" if dirty else "")
+    return save_plot(path, draw, panel_size=(8, 4))
 
 
 # -- command line ------------------------------------------------------------------------------
-def plan_layers(wanted: list[int], tmp: Path, world_size: int) -> tuple[list[int], list[str]]:
+def plan_layers(wanted: list[int], tmp: Path) -> tuple[list[int], list[str]]:
     """The layer counts the disk has room for: the largest checkpoint + its split (+ 2 GB slack)."""
     free = shutil.disk_usage(tmp).free
     kept, notes = [], []
     for n in sorted(wanted):
-        need = 2 * checkpoint_bytes(LLAMA2_70B, n, torch.float16) + 2 * GB
+        need = 2 * checkpoint_bytes(LLAMA2_70B.with_layers(n), torch.float16) + 2 * GB
         if need <= free:
             kept.append(n)
         else:
@@ -314,8 +228,7 @@ def plan_layers(wanted: list[int], tmp: Path, world_size: int) -> tuple[list[int
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[4, 6],
-                   help="comma-separated layer counts (default 4,6)")
+    p.add_argument("--layers", type=int_list, default=[4, 6], help="comma-separated layer counts (default 4,6)")
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--budget", default="1GB", help="memory_budget per rank (default 1GB)")
     p.add_argument("--window", type=int, default=2)
@@ -328,42 +241,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit, so that the `finally` that removes the temp files runs."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def write_models(work: Path, layers: list[int]) -> dict[int, Path]:
+    """A checkpoint per layer count: the largest written, the others hard links to its first layers."""
+    t0 = time.perf_counter()
+    big = max(layers)
+    dirs = {n: work / f"model-{n}L" for n in layers}
+    write_llama(dirs[big], LLAMA2_70B.with_layers(big), torch.float16)
+    for n in layers:
+        if n != big:
+            write_llama(dirs[n], LLAMA2_70B.with_layers(n), torch.float16, link_from=dirs[big])
+    print(f"wrote the {big}-layer float16 checkpoint "
+          f"({checkpoint_bytes(LLAMA2_70B.with_layers(big), torch.float16) / GB:.2f} GB) in "
+          f"{time.perf_counter() - t0:.0f} s under {work}", flush=True)
+    return dirs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _exit_on_sigterm()
-    layers, notes = plan_layers(args.layers, args.tmp, args.world_size)
+    exit_on_sigterm()
+    layers, notes = plan_layers(args.layers, args.tmp)
     if not layers:
         print("nothing to run")
         return 1
     work = Path(tempfile.mkdtemp(prefix="tpi-memory-bench-", dir=args.tmp))
     runs: list[LayerRun] = []
     try:
-        t0 = time.perf_counter()
-        write_shards(work / "shards", LLAMA2_70B, max(layers), torch.float16)
-        print(f"wrote {max(layers)}-layer float16 shards "
-              f"({checkpoint_bytes(LLAMA2_70B, max(layers), torch.float16) / GB:.2f} GB) in "
-              f"{time.perf_counter() - t0:.0f} s under {work}", flush=True)
+        dirs = write_models(work, layers)
         for n in layers:
-            model_dir = link_model(work / "shards", work / f"model-{n}L", LLAMA2_70B, n)
-            runs.append(run_layer_count(model_dir, work / "splits", n, args))
-            print(f"\n## {n} layers\n{run_summary(runs[-1])}\n{table(runs[-1])}\n", flush=True)
+            runs.append(run_layer_count(dirs[n], work / "splits", n, args))
+            print(f"\n## {n} layers\n{run_summary(runs[-1])}\n{rank_table(runs[-1])}\n", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         print(f"removed {work}", flush=True)
     text = report(runs, args, notes)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.md").write_text(text)
-    print(f"wrote {args.out / 'memory.md'}")
-    if plot(runs, args.out / "memory.png"):
-        print(f"wrote {args.out / 'memory.png'}")
+    write_report(args.out, "memory.md", text)
+    plot(runs, args.out / "memory.png")
     bad = [r for run in runs for r in run.ranks
-           if r["peak_rss_bytes"] >= (MASTER_TARGET if r["rank"] == 0 else WORKER_TARGET)]
+           if r.peak_rss_bytes >= (MASTER_TARGET if r.rank == 0 else WORKER_TARGET)]
     return 1 if bad else 0
 
 

@@ -2,7 +2,7 @@
 against the floor the disk and the compute set.
 
 Writes a seeded random ~850M-parameter Llama (hidden 2048, 16 layers, 16 heads, 4 KV heads, FFN
-5632, vocab 32000) tensor by tensor, splits it for 3 ranks (``--dtype``, float32 by default) and
+5632, vocab 32000) with common.write_llama, splits it for 3 ranks (``--dtype``, float32 by default) and
 measures, with 1 torch thread per rank, three settings alive at once:
 
   (a) resident: no budget, every block pinned; page cache irrelevant (nothing is read after start);
@@ -10,8 +10,8 @@ measures, with 1 torch thread per rank, three settings alive at once:
       stats), with drop_page_cache=True, so the streamed half is read from the disk each step;
   (c) streamed: stream_all=True, window 2, nothing pinned, drop_page_cache=True.
 
-Each round runs every setting once (order rotating), after one warm-up each; the table quotes
-medians. Beside each setting: the floor max(disk floor, compute), where disk floor = bytes read per
+Each round runs every setting once, in a new random order (common.rounds), after one warm-up each;
+the table quotes medians. Beside each setting: the floor max(disk floor, compute), where disk floor = bytes read per
 step by all ranks (stats deltas around each timed generation) / the aggregate read bandwidth of
 world-size concurrent sequential readers of the split files, page cache dropped (measured in the same
 run; one reader too, for reference), and compute = (a)'s ms/token. All ranks share one disk and
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -41,34 +39,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from memory import checkpoint_bytes, git_revision, link_model, write_shards
+from common import (
+    GB,
+    MB,
+    OUT_DIR,
+    SHAPES,
+    checkpoint_bytes,
+    command_line,
+    drop_page_cache,
+    exit_on_sigterm,
+    git_revision,
+    rounds,
+    table,
+    write_llama,
+    write_report,
+)
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-GB, MB = 10**9, 10**6
+from tpi.stats import RankStats
+
 CHUNK = 64 << 20
-SETTLE_S = 0.5
 TARGET_RATIO = 1.3
-CONFIG_850M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-    "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-    "tie_word_embeddings": False, "torch_dtype": "float32",  # no EOS id: every run makes all its tokens
-}
-CONFIG_850M_LAYERS = 16
+LLAMA_850M = SHAPES["llama1b"]  # 16 layers: ~850M parameters; no EOS id: every run makes all its tokens
 
 
 # -- the disk ----------------------------------------------------------------------------------
-def drop_page_cache(paths: list[Path]) -> None:
-    """Write back, then ask the kernel to forget the cached pages of `paths`."""
-    os.sync()  # dirty pages cannot be dropped
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def read_sequential(paths: list[Path], limit: int) -> int:
     """pread `paths` in order, 64 MB at a time, into one reused buffer, up to `limit` bytes."""
     buf = bytearray(CHUNK)
@@ -140,7 +134,8 @@ class Setting:
     page_cache: str
     cluster: object
     samples: list[Sample] = field(default_factory=list)
-    plan: list[dict] = field(default_factory=list)  # the stats at start: residency, budgets
+    plan: list[RankStats] = field(default_factory=list)  # the stats at start: residency
+    budgets: list[int | None] = field(default_factory=list)  # per rank; None: no budget
 
     def median(self, fn) -> float:
         return statistics.median(fn(s) for s in self.samples)
@@ -178,48 +173,42 @@ def timed_generation(cluster, ids: list[int], new_tokens: int, disk: Path) -> Sa
     after = cluster.stats()
     if len(res["ids"]) != new_tokens:
         raise RuntimeError(f"generated {len(res['ids'])} tokens, expected {new_tokens} (an EOS id?)")
-    deltas = [{k: a[k] - b[k] for k in DELTA_KEYS} for b, a in zip(before, after)]
+    deltas = [{k: getattr(a, k) - getattr(b, k) for k in DELTA_KEYS} for b, a in zip(before, after)]
     dev = dev1 - dev0 if dev0 is not None and dev1 is not None else None
     return Sample(1000 * res["decode_s"] / (new_tokens - 1), deltas, dev)
 
 
 def measure(settings: list[Setting], ids: list[int], args: argparse.Namespace) -> None:
-    """One warm-up each, then rounds over every setting, the order rotating each round."""
+    """Every setting in rounds (common.rounds: a warm-up each, then a new random order each round)."""
+    def run(s: Setting):
+        return lambda: timed_generation(s.cluster, ids, args.new_tokens, args.tmp)
+
+    samples = rounds({s.name: run(s) for s in settings}, args.repeats, report=lambda k, name, x: print(
+        f"  round {k + 1} {name}: {x.ms_per_token:.0f} ms/token", flush=True))
     for s in settings:
-        t0 = time.perf_counter()
-        timed_generation(s.cluster, ids, args.new_tokens, args.tmp)
-        print(f"  warm-up {s.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    for r in range(args.repeats):
-        k = r % len(settings)
-        for s in settings[k:] + settings[:k]:
-            time.sleep(SETTLE_S)
-            s.samples.append(timed_generation(s.cluster, ids, args.new_tokens, args.tmp))
-            print(f"  round {r + 1} {s.name}: {s.samples[-1].ms_per_token:.0f} ms/token", flush=True)
+        s.samples = samples[s.name]
 
 
-def half_pinned_budgets(stats: list[dict]) -> list[int]:
+def half_pinned_budgets(stats: list[RankStats]) -> list[int]:
     """fixed + 2 × largest block + half the block bytes, per rank, from a fully resident run."""
-    return [r["fixed_bytes"] + 2 * r["largest_block_bytes"] + r["block_bytes"] // 2 for r in stats]
+    return [r.fixed_bytes + 2 * r.largest_block_bytes + r.block_bytes // 2 for r in stats]
 
 
 def start_settings(stack: ExitStack, model_dir: Path, args: argparse.Namespace) -> list[Setting]:
     from tpi import LocalCluster
 
-    common = {"world_size": args.world_size, "dtype": args.dtype, "threads": 1, "max_context": args.max_context,
-              "cache_dir": args.cache_dir, "start_timeout": 600, "step_timeout": 600}
-    resident = stack.enter_context(LocalCluster(model_dir, **common))
-    stats = resident.stats()
-    budgets = half_pinned_budgets(stats)
-    half = stack.enter_context(LocalCluster(model_dir, memory_budget=budgets, drop_page_cache=True, **common))
-    streamed = stack.enter_context(LocalCluster(model_dir, stream_all=True, window=2, drop_page_cache=True, **common))
+    kw = {"world_size": args.world_size, "dtype": args.dtype, "threads": 1, "max_context": args.max_context,
+          "cache_dir": args.cache_dir, "start_timeout": 600, "step_timeout": 600}
+    resident = stack.enter_context(LocalCluster(model_dir, **kw))
+    budgets = half_pinned_budgets(resident.stats())
+    half = stack.enter_context(LocalCluster(model_dir, memory_budget=budgets, drop_page_cache=True, **kw))
+    streamed = stack.enter_context(LocalCluster(model_dir, stream_all=True, window=2, drop_page_cache=True, **kw))
     settings = [Setting("(a) resident", "not dropped; nothing read after start", resident),
                 Setting("(b) half pinned", "dropped after each streamed read", half),
                 Setting("(c) streamed, window 2", "dropped after each streamed read", streamed)]
-    for s in settings:
-        s.plan = s.cluster.stats()
     for s, b in zip(settings, [None, budgets, None]):
-        for r, rec in enumerate(s.plan):
-            rec["budget"] = b[r] if b else None
+        s.plan = s.cluster.stats()
+        s.budgets = list(b) if b else [None] * len(s.plan)
     return settings
 
 
@@ -239,8 +228,8 @@ def row(s: Setting, disk: Disk, compute_ms: float) -> list[str]:
     floor = max(disk_ms, compute_ms)
     ratio = s.ms_per_token / floor
     lo, hi = min(x.ms_per_token for x in s.samples), max(x.ms_per_token for x in s.samples)
-    pinned = _ranks([r["pinned_blocks"] for r in s.plan], "{}") + " of " + _ranks(
-        [r["pinned_blocks"] + r["streamed_blocks"] for r in s.plan], "{}")
+    pinned = _ranks([r.pinned_blocks for r in s.plan], "{}") + " of " + _ranks(
+        [r.pinned_blocks + r.streamed_blocks for r in s.plan], "{}")
     dev = s.device_bytes_per_step
     return [s.name, s.page_cache, pinned, f"{s.ms_per_token:.0f} ({lo:.0f}-{hi:.0f})",
             f"{s.bytes_per_step / MB:,.0f}", "?" if dev is None else f"{dev / MB:,.0f}", f"{disk_ms:.0f}",
@@ -255,26 +244,19 @@ COLUMNS = ["setting", "page cache", "pinned blocks per rank", "ms/token median (
            "stall ms/step per rank", "allreduce ms/step per rank", "compute ms/step per rank"]
 
 
-def table(settings: list[Setting], disk: Disk) -> str:
+def settings_table(settings: list[Setting], disk: Disk) -> str:
     compute = settings[0].ms_per_token
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row(s, disk, compute)) + " |" for s in settings]
-    return "\n".join(lines)
+    return table(COLUMNS, [row(s, disk, compute) for s in settings])
 
 
 def plan_table(settings: list[Setting]) -> str:
     cols = ["setting", "rank", "budget MB", "fixed MB", "largest block MB", "all blocks MB", "window",
             "pinned / streamed", "planned MB", "peak RSS MB"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for s in settings:
-        for r in s.plan:
-            budget = f"{r['budget'] / MB:,.0f}" if r["budget"] else "none"
-            lines.append("| " + " | ".join([
-                s.name, str(r["rank"]), budget, f"{r['fixed_bytes'] / MB:,.0f}",
-                f"{r['largest_block_bytes'] / MB:,.0f}",
-                f"{r['block_bytes'] / MB:,.0f}", str(r["window"]), f"{r['pinned_blocks']} / {r['streamed_blocks']}",
-                f"{r['planned_bytes'] / MB:,.0f}", f"{r['peak_rss_bytes'] / MB:,.0f}"]) + " |")
-    return "\n".join(lines)
+    cells = [[s.name, r.rank, f"{b / MB:,.0f}" if b else "none", f"{r.fixed_bytes / MB:,.0f}",
+              f"{r.largest_block_bytes / MB:,.0f}", f"{r.block_bytes / MB:,.0f}", r.window,
+              f"{r.pinned_blocks} / {r.streamed_blocks}", f"{r.planned_bytes / MB:,.0f}",
+              f"{r.peak_rss_bytes / MB:,.0f}"] for s in settings for r, b in zip(s.plan, s.budgets)]
+    return table(cols, cells)
 
 
 def verdicts(settings: list[Setting], disk: Disk) -> list[str]:
@@ -298,7 +280,6 @@ def verdicts(settings: list[Setting], disk: Disk) -> list[str]:
 
 
 def report(settings: list[Setting], disk: Disk, args: argparse.Namespace, model_bytes: int) -> str:
-    command = shlex.join(["python", "bench/streaming.py", *sys.argv[1:]])
     bullets = [
         (f"{os.cpu_count()} logical CPUs, torch {torch.__version__}; random Llama, {args.layers} layers, "
          f"{model_bytes / 4 / 1e6:,.0f}M parameters ({model_bytes / GB:.2f} GB float32 checkpoint), "
@@ -306,7 +287,7 @@ def report(settings: list[Setting], disk: Disk, args: argparse.Namespace, model_
          f"{args.world_size}, 1 torch thread per rank, every rank its own process on this machine"),
         (f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy); ms/token = decode time / "
          f"{args.new_tokens - 1}; medians of {args.repeats} rounds after one warm-up each; the three clusters are "
-         "alive at once and take turns each round"),
+         "alive at once and each round measures every one once, in a new random order"),
         (f"disk read bandwidth, page cache dropped (posix_fadvise DONTNEED after sync), sequential 64 MB preads of "
          f"the split files, {args.bw_bytes / GB:.1f} GB, best of {args.bw_trials}: one reader "
          f"{disk.one_stream / MB:,.0f} MB/s, {args.world_size} readers at once {disk.concurrent / MB:,.0f} MB/s in "
@@ -318,10 +299,10 @@ def report(settings: list[Setting], disk: Disk, args: argparse.Namespace, model_
          "= max(disk floor, compute)"),
         (f"per-rank columns are rank 0 / 1 / ...; medians per step; targets: streamed settings within "
          f"{TARGET_RATIO}× of their floor, half pinned clearly faster than streamed"),
-        f"tpi at {git_revision()}; command: `{command}`",
+        f"tpi at {git_revision()}; command: `{command_line('streaming.py')}`",
     ]
     parts = ["# tpi speed when streaming weights from the disk", "", *(f"- {b}" for b in bullets), "",
-             table(settings, disk), "", *(f"- {v}" for v in verdicts(settings, disk)), "",
+             settings_table(settings, disk), "", *(f"- {v}" for v in verdicts(settings, disk)), "",
              "Residency of each setting at start:", "", plan_table(settings)]
     return "\n".join(parts) + "\n"
 
@@ -332,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="split dtype")
     p.add_argument("--world-size", type=int, default=3)
-    p.add_argument("--layers", type=int, default=CONFIG_850M_LAYERS, help="decoder layers (default 16; fewer: smoke)")
+    p.add_argument("--layers", type=int, default=LLAMA_850M.layers, help="decoder layers (default 16; fewer: smoke)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
@@ -349,8 +330,8 @@ def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from tpi.weights import split_cached
 
     t0 = time.perf_counter()
-    write_shards(work / "shards", CONFIG_850M, args.layers, torch.float32)
-    model_dir = link_model(work / "shards", work / "model", CONFIG_850M, args.layers)
+    model_dir = work / "model"
+    write_llama(model_dir, LLAMA_850M.with_layers(args.layers), torch.float32)
     t1 = time.perf_counter()
     shard_dir = split_cached(model_dir, args.world_size, dtype=args.dtype, cache_dir=args.cache_dir, progress=False)
     os.sync()
@@ -359,11 +340,10 @@ def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return model_dir, shard_dir
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal_exit()
-    need = checkpoint_bytes(CONFIG_850M, args.layers, torch.float32) * 2 + 2 * GB
+    exit_on_sigterm()
+    need = checkpoint_bytes(LLAMA_850M.with_layers(args.layers), torch.float32) * 2 + 2 * GB
     if shutil.disk_usage(args.tmp).free < need:
         print(f"{args.tmp}: not enough free disk, need {need / GB:.1f} GB")
         return 1
@@ -376,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     best_bandwidth(ranks, args.bw_bytes, args.bw_trials))
         print(f"disk: one reader {disk.one_stream / MB:,.0f} MB/s, {args.world_size} readers "
               f"{disk.concurrent / MB:,.0f} MB/s", flush=True)
-        ids = torch.randint(CONFIG_850M["vocab_size"], (args.prompt_tokens,),
+        ids = torch.randint(LLAMA_850M.vocab, (args.prompt_tokens,),
                             generator=torch.Generator().manual_seed(1)).tolist()
         with ExitStack() as stack:
             settings = start_settings(stack, model_dir, args)
@@ -386,17 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         print(f"removed {work}", flush=True)
-    text = report(settings, disk, args, checkpoint_bytes(CONFIG_850M, args.layers, torch.float32))
+    text = report(settings, disk, args, checkpoint_bytes(LLAMA_850M.with_layers(args.layers), torch.float32))
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming.md").write_text(text)
-    print(f"wrote {args.out / 'streaming.md'}")
+    write_report(args.out, "streaming.md", text)
     return 0
-
-
-def signal_exit() -> None:
-    """SIGTERM raises SystemExit, so that the `finally` that removes the temp files runs."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ import pytest
 import torch
 
 
+TIERS = ("unit", "inprocess", "cluster", "slow")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test is in exactly one tier (pyproject.toml lists them), so that `-m` selects it."""
+    wrong = [f"{item.nodeid}: {tiers or 'none'}" for item in items
+             if len(tiers := sorted({m.name for m in item.iter_markers() if m.name in TIERS})) != 1]
+    if wrong:
+        raise pytest.UsageError("tests need exactly one tier marker of " + ", ".join(TIERS) + ":\n" + "\n".join(wrong))
+
+
 def _children() -> dict[int, str]:
     out = {}
     for p in psutil.Process().children(recursive=True):

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 PROMPT_TEXT = "What is the capital of France?"
 
 

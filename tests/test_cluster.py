@@ -19,6 +19,8 @@ from conftest import assert_close
 
 from tpi import ClusterError, LocalCluster
 
+pytestmark = pytest.mark.cluster
+
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 
 

@@ -153,6 +153,7 @@ def _tensor(raw: bytes, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float32).view(shape)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3, 4, 5])
 def test_collectives_equal_in_order_references(world: int) -> None:
@@ -215,6 +216,7 @@ def _rogue_frames(tag: Tag) -> list[list[bytes]]:
     ]
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(60)
 def test_links_refuse_rogue_frames_and_stay_exact() -> None:
     a, b = _pair(timeout=10)
@@ -242,6 +244,7 @@ def test_links_refuse_rogue_frames_and_stay_exact() -> None:
         b.close()
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(60)
 def test_silent_peer_times_out_naming_it() -> None:
     a, b = _pair(timeout=0.5)
@@ -258,6 +261,7 @@ def test_silent_peer_times_out_naming_it() -> None:
         b.close()
 
 
+@pytest.mark.cluster
 def test_connect_refuses_wrong_address_count() -> None:
     r = RingAllReduce(0, 3, timeout=1)
     try:
@@ -268,6 +272,7 @@ def test_connect_refuses_wrong_address_count() -> None:
 
 
 # -- shapes of the schedules ---------------------------------------------------------------------
+@pytest.mark.unit
 def test_ring_bounds_and_tree_shape() -> None:
     assert ring_bounds(10, 3) == [0, 3, 6, 10] and ring_bounds(2, 5) == [0, 0, 0, 1, 1, 2]
     assert tree_children(0, 5) == [1, 2, 4] and tree_children(2, 5) == [3] and tree_children(4, 5) == []
@@ -278,6 +283,7 @@ def test_ring_bounds_and_tree_shape() -> None:
 
 
 # -- payload codecs ------------------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["float32", "float16", "bfloat16", "q8", "q8_64"])
 def test_payload_round_trip_and_sizes(name: str) -> None:
     pay = parse(name)
@@ -298,6 +304,7 @@ def test_payload_round_trip_and_sizes(name: str) -> None:
                                 "q8_64": 1000 + 4 * 16}[name]
 
 
+@pytest.mark.unit
 def test_payload_refuses_bad_input() -> None:
     with pytest.raises(PayloadError, match="payload 'q4': expected one of"):
         Payload("q4")  # type: ignore[arg-type]
@@ -316,6 +323,7 @@ def test_payload_refuses_bad_input() -> None:
     assert torch.equal(Payload("q8").round_trip(torch.zeros(70)), torch.zeros(70))
 
 
+@pytest.mark.unit
 def test_gloo_refuses_q8() -> None:
     from tpi.comm.gloo import GlooAllReduce
 
@@ -324,6 +332,7 @@ def test_gloo_refuses_q8() -> None:
 
 
 # -- the cost model ------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_cost_model_formulas_and_choice() -> None:
     n = 8192 * 4  # one hidden state of 8192 float32 values
     gigabit = 125e6
@@ -342,6 +351,7 @@ def test_cost_model_formulas_and_choice() -> None:
         predict("mesh", 2, n, lan)  # type: ignore[arg-type]
 
 
+@pytest.mark.unit
 def test_link_fit_recovers_alpha_and_bandwidth() -> None:
     true = Link(alpha_s=150e-6, bandwidth=1.1e9)
     link = measure_link(lambda k: 2 * (true.alpha_s + k / true.bandwidth), repeats=3)
@@ -350,6 +360,7 @@ def test_link_fit_recovers_alpha_and_bandwidth() -> None:
         fit(100, 1e-3, 100, 2e-3)
 
 
+@pytest.mark.unit
 def test_tensor_header_is_what_encode_writes() -> None:
     """The star's hot path compares headers with tensor_header's bytes: they must be encode's, byte for byte."""
     for tag in (Tag(0, 0, 0, 0), Tag(3, 9, 2, 1), Tag(1 << 40, 70000, 300, 0)):
@@ -376,6 +387,7 @@ def llama_reference(tiny_models):
     return path, logits, greedy
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("collective,payload", GENERATION, ids=lambda v: str(v))
 def test_generation_matches_transformers(llama_reference, split_cache, collective: str, payload: str | None) -> None:
@@ -393,6 +405,7 @@ def test_generation_matches_transformers(llama_reference, split_cache, collectiv
     assert all(r.allreduce_calls == stats[0].allreduce_calls > 0 for r in stats)
 
 
+@pytest.mark.cluster
 def test_bad_collective_options_are_refused(tiny_models) -> None:
     from tpi import LocalCluster
     from tpi.config import ConfigError
@@ -406,6 +419,7 @@ def test_bad_collective_options_are_refused(tiny_models) -> None:
         LocalCluster(path, world_size=2, collective="gloo", payload="q8")
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("collective", ["ring", "gloo"])
 def test_killed_worker_fails_fast_and_restart_sets_the_collective_up_again(llama_reference, split_cache,
@@ -428,6 +442,7 @@ def test_killed_worker_fails_fast_and_restart_sets_the_collective_up_again(llama
         assert cluster.generate(PROMPT, max_new_tokens=10) == ref
 
 
+@pytest.mark.unit
 def test_peers_message_and_choice_checks() -> None:
     from tpi.comm.collectives import check_choice, parse_peers, peers_info, resolve
     from tpi.config import ConfigError
@@ -452,6 +467,7 @@ def test_peers_message_and_choice_checks() -> None:
 
 
 # -- per-call traces ----------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_trace_per_call_is_last_in_to_last_out() -> None:
     from tpi.comm import trace
 
@@ -468,6 +484,7 @@ def test_trace_per_call_is_last_in_to_last_out() -> None:
     assert trace.per_token(calls, start=1.5) == [pytest.approx(0.15)]  # only the call that began in the window
 
 
+@pytest.mark.unit
 def test_trace_is_bounded_and_a_bad_folder_is_logged_not_raised(tmp_path, caplog) -> None:
     from tpi.comm import trace
 
@@ -485,6 +502,7 @@ def test_trace_is_bounded_and_a_bad_folder_is_logged_not_raised(tmp_path, caplog
         trace.load(tmp_path, 2)
 
 
+@pytest.mark.cluster
 def test_trace_records_every_allreduce_of_every_rank(llama_reference, split_cache, tmp_path, monkeypatch) -> None:
     """TPI_COMM_TRACE: each rank saves every call at close; the calls line up across ranks, and the
     decode steps' communication is positive and no longer than the slowest rank's call."""

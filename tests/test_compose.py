@@ -22,6 +22,8 @@ from tpi.cluster_config import load_cluster_config
 from tpi.config import parse_bytes
 from tpi.launch import node_commands
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${VAR:-default}

@@ -103,6 +103,7 @@ def _netns_pids(tag: str) -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_emulated_cluster_matches_loopback_and_pays_the_round_trip(can_emulate, tiny_with_tokenizer, tmp_path):
     import psutil
@@ -148,6 +149,7 @@ def test_emulated_cluster_matches_loopback_and_pays_the_round_trip(can_emulate, 
     assert not [p for p in ranks if psutil.pid_exists(p)], "rank processes outlived tpi emulate"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_emulators_network_is_removed_by_the_next_start(can_emulate):
     code = ("import sys, time; from tpi.emulate import Network; from tpi.cluster_config import Link\n"
@@ -169,6 +171,7 @@ def test_a_killed_emulators_network_is_removed_by_the_next_start(can_emulate):
     assert [n for n in owned_names() if n.startswith(tag)] == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("missing", ["root", "tc"])
 def test_without_root_or_iproute2_it_says_so(monkeypatch, tmp_path, capsys, missing):
     cfg = tmp_path / "c.yaml"

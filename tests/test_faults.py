@@ -17,8 +17,8 @@ import torch
 import zmq
 
 from tpi import ClusterError, LocalCluster
-from tpi.comm.security import Curve, KeyPair
 from tpi.comm.hub import Hub
+from tpi.comm.security import Curve, KeyPair
 from tpi.comm.wire import PROTOCOL_VERSION, Kind, Message, encode
 from tpi.options import CommOptions
 
@@ -48,6 +48,7 @@ def _fail_after(cluster: LocalCluster, n_tokens: int, fault) -> tuple[float, str
     return time.monotonic() - t_fault, str(err.value)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_killed_worker_fails_fast_and_restart_restores_exact_output(llama, split_cache):
     path, ref = llama
@@ -67,6 +68,7 @@ def test_killed_worker_fails_fast_and_restart_restores_exact_output(llama, split
             assert cluster.generate(PROMPT, 64) == ref
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_hung_worker_is_declared_lost_then_rejoins_after_sigcont(llama, split_cache):
     path, ref = llama
@@ -86,6 +88,7 @@ def test_hung_worker_is_declared_lost_then_rejoins_after_sigcont(llama, split_ca
         assert cluster.generate(PROMPT, 64) == ref
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_workers_rejoin_a_restarted_master(llama, split_cache):
     path, ref = llama
@@ -98,6 +101,7 @@ def test_workers_rejoin_a_restarted_master(llama, split_cache):
         assert cluster.generate(PROMPT, 64) == ref
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_sigterm_on_a_worker_fails_the_request_with_the_reason(llama, split_cache):
     path, ref = llama
@@ -115,6 +119,7 @@ def test_sigterm_on_a_worker_fails_the_request_with_the_reason(llama, split_cach
         assert cluster.generate(PROMPT, 64) == ref
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_curve_cluster_is_exact(llama, split_cache, tmp_path):
     path, ref = llama
@@ -136,6 +141,7 @@ def _stranger(address: str, curve: Curve | None) -> zmq.Socket:
     return sock
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(60)
 def test_a_peer_without_an_allowed_key_cannot_join_or_inject():
     master_keys, worker_keys = KeyPair.generate(), KeyPair.generate()
@@ -172,6 +178,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_http_503_and_degraded_health_when_a_worker_is_lost(smollm2, tmp_path):
     path, _, _ = smollm2

@@ -13,11 +13,13 @@ import zmq
 
 from tpi import LocalCluster
 from tpi.comm.base import CommError
-from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, decode, encode
 from tpi.comm.files import CHUNK_BYTES, ShardServer
 from tpi.comm.hub import Hub
+from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, decode, encode
 from tpi.fetch import fetch_shards
 from tpi.weights import Manifest, split_cached
+
+pytestmark = pytest.mark.cluster
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 

@@ -30,6 +30,8 @@ from tpi import ClusterError, LocalCluster
 from tpi.comm.wire import HOT, HOT_CODES, HOT_MAGIC
 from tpi.weights import block_file, split_cached
 
+pytestmark = pytest.mark.cluster
+
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 NEW = 48
 SEED = 6

@@ -1,6 +1,7 @@
 """Cluster configs and `tpi launch`: every example validates, broken configs name the field, the
 dry run's commands started by hand (workers first) form a working cluster whose workers fetch
-their shards, and `tpi launch` itself starts the ranks and stops them all on Ctrl-C."""
+their shards. `tpi launch` itself (every shipped local config, stopped with Ctrl-C) is
+test_shipped.py's."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT_IDS = [1, 9690, 314, 253, 3575, 282, 4649, 47, 2]
 
 
+@pytest.mark.unit
 def test_every_example_config_loads():
     configs = {p.name: load_cluster_config(p) for p in sorted((ROOT / "cluster_configs").glob("*.yaml"))}
     assert {"local-3.yaml", "home-4.yaml", "compose-4.yaml"} <= set(configs)
@@ -41,6 +43,7 @@ def test_every_example_config_loads():
     assert "--bind tcp://0.0.0.0:5555" in node_commands(compose)[0].shell()
 
 
+@pytest.mark.unit
 def test_more_shares_than_kv_heads_are_refused_before_anything_starts(smollm2):
     cfg = parse_cluster_config({"model": str(smollm2[0]), "workers": [{"rank": r} for r in (1, 2, 3)]})
     with pytest.raises(ConfigError, match=r"^x.yaml: master.ratio and workers' ratio: cannot split 3 KV heads "
@@ -70,6 +73,7 @@ BROKEN = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("raw,message", BROKEN, ids=[m.split(":")[0] for _, m in BROKEN])
 def test_broken_configs_name_the_field(raw, message):
     with pytest.raises(ConfigError) as err:
@@ -77,6 +81,7 @@ def test_broken_configs_name_the_field(raw, message):
     assert message in str(err.value) and str(err.value).startswith("x.yaml: ")
 
 
+@pytest.mark.unit
 def test_unreadable_config_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_cluster_config(tmp_path / "missing.yaml")
@@ -136,6 +141,7 @@ def _complete(port: int, n: int, model: Path) -> str:
     return r.json()["choices"][0]["text"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dry_run_commands_started_by_hand_form_the_cluster(smollm2, tmp_path):
     cfg_path = _local_config(tmp_path, 3, smollm2[0])
@@ -165,30 +171,7 @@ def test_dry_run_commands_started_by_hand_form_the_cluster(smollm2, tmp_path):
     assert all(p.returncode in (0, 143) for p in procs), [p.returncode for p in procs]
 
 
-@pytest.mark.timeout(300)
-def test_tpi_launch_runs_the_cluster_and_ctrl_c_stops_it(smollm2, tmp_path):
-    import psutil
-
-    cfg_path = _local_config(tmp_path, 2, smollm2[0])
-    launcher = subprocess.Popen(["tpi", "launch", str(cfg_path)], env=_env(tmp_path), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    try:
-        http_port = load_cluster_config(cfg_path).master.http_port
-        _wait_http(f"http://127.0.0.1:{http_port}/health", [launcher])
-        assert _complete(http_port, 8, smollm2[0]) == _expected(smollm2, 8)
-        ranks = psutil.Process(launcher.pid).children(recursive=True)
-        assert len([p for p in ranks if "tpi" in " ".join(p.cmdline())]) >= 2
-        launcher.send_signal(signal.SIGINT)
-        out, _ = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-    assert "[rank 0@127.0.0.1]" in out and "[rank 1@localhost]" in out, out[-2000:]
-    gone, alive = psutil.wait_procs(ranks, timeout=10)
-    assert not alive, alive
-
-
+@pytest.mark.unit
 def test_collective_and_payload_reach_the_master_command():
     cfg = parse_cluster_config({"collective": "tree", "payload": "bfloat16", "workers": [{"rank": 1}]})
     master = node_commands(cfg)[0].shell()
@@ -196,6 +179,7 @@ def test_collective_and_payload_reach_the_master_command():
     assert "--collective" not in node_commands(parse_cluster_config({}))[0].shell()  # the default says nothing
 
 
+@pytest.mark.unit
 def test_launch_commands_carry_the_config():
     cfg = load_cluster_config(ROOT / "cluster_configs" / "home-4.yaml")
     cmds = node_commands(cfg)

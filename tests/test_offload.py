@@ -43,6 +43,7 @@ def _slot(blocks: list[dict], ratio: float) -> int:
     return max(share_bytes([(k, tuple(t.shape), t.dtype) for k, t in w.items()], ratio)[0] for w in blocks)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("ratio", "slots"), [(0.0, 2), (0.3, 1), (0.3, 2), (1.0, 3)])
 def test_offloader_pipeline_matches_linear(device, ratio, slots):
@@ -71,6 +72,7 @@ def test_offloader_pipeline_matches_linear(device, ratio, slots):
             assert "gate_proj.bias" not in w  # added by the offload's linear, with its rows
 
 
+@pytest.mark.unit
 def test_offloader_worker_threads_can_change():
     blocks = _blocks(1, pin=False)
     x = torch.randn(2, 64)
@@ -83,6 +85,7 @@ def test_offloader_worker_threads_can_change():
     assert_close(y, torch.nn.functional.linear(x, blocks[0]["up_proj.weight"]), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_offloader_validates():
     with pytest.raises(ValueError, match="offload share=1.5"):
         Offloader("cpu", 1.5, 0)
@@ -91,9 +94,10 @@ def test_offloader_validates():
         Offloader("cpu", 0.5, _slot(blocks, 0.4)).weights(0, blocks[0])
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("mode", ["rows", "blocks"])
+@pytest.mark.parametrize("world_size", [2])  # one real-process case: the matrix is test_inprocess.py's
+@pytest.mark.parametrize("mode", ["blocks"])
 def test_offload_on_cpu_matches_no_offload(tiny_models, split_cache, world_size, mode):
     path, _ = tiny_models("qwen2")  # biases on q/k/v exercise the bias split too
     with LocalCluster(path, world_size=world_size, cache_dir=split_cache) as cluster:
@@ -121,6 +125,7 @@ def test_offload_on_cpu_matches_no_offload(tiny_models, split_cache, world_size,
         assert 0.0 < shares[0] < 0.5 and all(abs(s - r) < 0.01 for s, (r, _) in zip(shares[1:], runs[1:]))
 
 
+@pytest.mark.unit
 def test_plan_shares_gives_attention_whole_and_shares_the_rest():
     sizes, movable = [134, 270] * 3 + [87, 87, 88], [False, True] * 3 + [True] * 3
     plan = plan_shares(sizes, 0.5, movable)
@@ -138,6 +143,7 @@ def test_plan_shares_gives_attention_whole_and_shares_the_rest():
         plan_shares([-1], 0.5)
 
 
+@pytest.mark.unit
 def test_balance_share_equalises_the_two_sides():
     """The share of host bytes at which the copy engine (attention bytes plus the GPU's share of
     the rest) and the thread that runs the blocks (the CPU's share plus its dispatch) take equally
@@ -160,6 +166,7 @@ def test_balance_share_equalises_the_two_sides():
         balance_share(1, 1, 1.0, 1.0, -1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_dispatch_seconds_times_every_path(tiny_models, family, monkeypatch):
     """Each path a block takes, timed on tiny blocks of the model's structure (biases, q/k norms),
@@ -187,6 +194,7 @@ def test_dispatch_seconds_times_every_path(tiny_models, family, monkeypatch):
     assert calls == {"attention": 2 * rounds, "ffn": 3 * rounds, "head": 2 * rounds}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpu", [1, 37, 95])
 def test_divided_block_parts_add_up_to_the_block(cpu):
     """An FFN block's two parts (CPU: intermediate columns [0, cpu), accelerator: the rest) give
@@ -216,6 +224,7 @@ def test_divided_block_parts_add_up_to_the_block(cpu):
         divide_block({}, "attn", 1)
 
 
+@pytest.mark.unit
 def test_offloader_per_block_shares():
     """Blocks with their own share: 0 queues nothing (the CPU computes it whole), 1 copies it all."""
     blocks = _blocks(3, pin=False)
@@ -232,6 +241,7 @@ def test_offloader_per_block_shares():
         Offloader("cpu", 0.5, 0, shares={0: 2})
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(60)
 def test_cuda_device_refused_without_cuda(tiny_models, split_cache):
     if torch.cuda.is_available():
@@ -251,6 +261,7 @@ def _slots(shard_dir, ratio: float) -> int:
     return COPY_SLOTS * slot + small
 
 
+@pytest.mark.cluster
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -276,6 +287,7 @@ def test_gpu_split_matches_cpu(tiny_models, split_cache, world_size, mode):
             pass
 
 
+@pytest.mark.cluster
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["rows", "blocks"])
@@ -293,6 +305,7 @@ def test_gpu_greedy_tokens_match_transformers(smollm2, split_cache, mode):
         assert cluster.generate(ids, max_new_tokens=24) == ref
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_calibration_keeps_the_fastest_share_timed(device, monkeypatch):
     """The rows mode's share: the offload path timed on synthetic blocks over the grid and the
@@ -320,11 +333,13 @@ def test_rows_calibration_keeps_the_fastest_share_timed(device, monkeypatch):
     assert cal.fraction == 0.625 and len(timed) == 15 and timed[:11] == [i / 10 for i in range(11)]
 
 
+@pytest.mark.unit
 def test_measure_bandwidths_needs_cuda():
     with pytest.raises(ValueError, match="device=cpu: measuring copy bandwidth needs a CUDA device"):
         measure_bandwidths(torch.device("cpu"), torch.float32, (64, 64))
 
 
+@pytest.mark.cluster
 @needs_cuda
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -348,6 +363,7 @@ def test_blocks_mode_measures_its_fraction(tiny_models, split_cache, world_size)
         assert_close(cluster.forward(PROMPT), ref, rel=1e-4)
 
 
+@pytest.mark.unit
 def test_ranks_of_one_machine_meet_and_share(tmp_path, capsys):
     """Ranks given the same folder wait for each other (so that each measures with the others'
     load on the machine) and see each other's measurements; a list that is not one is left out;
@@ -381,6 +397,7 @@ def test_ranks_of_one_machine_meet_and_share(tmp_path, capsys):
         Peers(tmp_path, 4, 4, timeout=1)
 
 
+@pytest.mark.unit
 def test_search_share_times_a_grid_then_the_best_neighbours():
     calls = []
 
@@ -413,6 +430,7 @@ def _tunable(shard, manifest: Manifest, rank: int) -> RankModel:
     return model
 
 
+@pytest.mark.inprocess
 @pytest.mark.timeout(300)
 def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_cache, tmp_path, monkeypatch,
                                                               capsys):
@@ -456,6 +474,7 @@ def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_
         m.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_copy_ring_packs_projections_of_mixed_sizes(device, ratio):
@@ -487,6 +506,7 @@ def test_copy_ring_packs_projections_of_mixed_sizes(device, ratio):
     assert staged > 2  # a ring of two largest shares holds more of the small ones
 
 
+@pytest.mark.unit
 @needs_cuda
 def test_closed_offloader_holds_no_device_memory():
     """Tuning the blocks mode makes an Offloader per share timed: each one's copy ring must go back
@@ -509,6 +529,7 @@ def test_closed_offloader_holds_no_device_memory():
         assert held - closed >= ring and closed <= first
 
 
+@pytest.mark.inprocess
 def test_placement_takes_the_lm_head_chunks_first(tiny_models, split_cache):
     """Rank 0 keeps its LM-head chunks on the accelerator before any layer block (every other
     rank waits while it computes the head), then the layer blocks largest first, within the

@@ -12,6 +12,8 @@ import pytest
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan, apportion, make_plan, parse_ratios
 
+pytestmark = pytest.mark.unit
+
 
 def model_config(heads: int, kv_heads: int, intermediate: int, head_dim: int = 8) -> ModelConfig:
     return ModelConfig.from_hf({

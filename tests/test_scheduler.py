@@ -10,8 +10,7 @@ import torch
 from conftest import build_tiny
 
 from tpi import ClusterError, LocalCluster
-from tpi.config import ConfigError
-from tpi.config import parse_bytes
+from tpi.config import ConfigError, parse_bytes
 from tpi.safetensors_io import StreamingWriter, read_header
 from tpi.scheduler import BlockSpec, Residency, SchedulerError, TensorRange, WeightScheduler, plan_residency
 
@@ -33,6 +32,7 @@ def _blocks(tmp_path, sizes: list[int]) -> tuple[list[BlockSpec], list[torch.Ten
     return specs, values
 
 
+@pytest.mark.unit
 def test_parse_bytes_units():
     assert parse_bytes("2GB") == 2 * 10**9
     assert parse_bytes("2GiB") == 2 * 2**30
@@ -43,6 +43,7 @@ def test_parse_bytes_units():
             parse_bytes(bad)
 
 
+@pytest.mark.unit
 def test_plan_residency_pins_what_fits():
     specs = [BlockSpec((i,), "x", (TensorRange("w", torch.uint8, (n,), 0, n),)) for i, n in
              enumerate([64 * 10, 64 * 30, 64 * 10, 64 * 30, 64 * 30])]
@@ -61,6 +62,7 @@ def test_plan_residency_pins_what_fits():
         plan_residency(specs, 10**9, 1000, 0)
 
 
+@pytest.mark.unit
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_window_bound_values_and_release(tmp_path, window):
@@ -74,13 +76,16 @@ def test_window_bound_values_and_release(tmp_path, window):
                     held = sum(s.ticket is not None for s in sched._slots)
                     assert held <= window
         assert sched.counters.max_streamed_held <= window
-        assert all(s.ticket is None for s in sched._slots[:1]) or window > 1
+        # each use loaded once (a released buffer is reused, never a block loaded twice), and after the
+        # last use at most a window's worth loaded ahead
+        assert 3 * len(specs) <= sched.counters.loads <= 3 * len(specs) + window
         assert sched.counters.bytes_read >= 3 * sum(v.nbytes for v in values)
         with pytest.raises(SchedulerError, match="out of order"):
             with sched.block(3):
                 pass
 
 
+@pytest.mark.unit
 @pytest.mark.timeout(30)
 def test_prefetch_overlaps_compute(tmp_path):
     """With window 2 the load of block i+1 starts while block i is still in use."""
@@ -97,6 +102,7 @@ def test_prefetch_overlaps_compute(tmp_path):
             started[(i + 1) % len(specs)].clear() if i + 1 == len(specs) else None
 
 
+@pytest.mark.unit
 @pytest.mark.timeout(30)
 def test_window_one_does_not_overlap(tmp_path):
     specs, _ = _blocks(tmp_path, [256] * 3)
@@ -107,6 +113,7 @@ def test_window_one_does_not_overlap(tmp_path):
                 assert sched.counters.loads == i + 1  # nothing loads ahead while a block is held
 
 
+@pytest.mark.unit
 @pytest.mark.timeout(30)
 def test_reset_restarts_the_cycle(tmp_path):
     specs, values = _blocks(tmp_path, [64, 64, 64])
@@ -134,6 +141,7 @@ def _run(path, split_cache, world_size, **kw):
         return cluster.forward(PROMPT), cluster.generate(PROMPT, max_new_tokens=16), cluster.stats()
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_resident_budget_reads_nothing_after_start(mid_model, split_cache):
     path, _ = mid_model
@@ -142,17 +150,18 @@ def test_resident_budget_reads_nothing_after_start(mid_model, split_cache):
         before = cluster.stats()
         cluster.generate(PROMPT, max_new_tokens=16)
         after = cluster.stats()
-    for a, b in zip(before, after):
-        assert b.streamed_blocks == 0 and b.bytes_read == a.bytes_read, (a, b)
+    for a, b in zip(before, after):  # a resident rank reads nothing after start, the start-up load included
+        assert b.streamed_blocks == 0 and b.bytes_read == a.bytes_read == 0, (a, b)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("world_size", [3])  # one real-process case: every window is test_inprocess.py's
 def test_streaming_is_bit_identical_to_resident(mid_model, split_cache, world_size):
     path, _ = mid_model
     logits, tokens, stats = _run(path, split_cache, world_size)
     assert all(r.streamed_blocks == 0 for r in stats)
-    for window in (1, 2, 4):
+    for window in (2,):
         s_logits, s_tokens, s_stats = _run(path, split_cache, world_size, window=window, stream_all=True)
         assert torch.equal(s_logits, logits) and s_tokens == tokens, f"window {window}"
         for r in s_stats:
@@ -168,6 +177,7 @@ def test_streaming_is_bit_identical_to_resident(mid_model, split_cache, world_si
         assert r.planned_bytes <= budget
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_budget_too_small_is_refused_with_bytes_needed(mid_model, split_cache):
     path, _ = mid_model

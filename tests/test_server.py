@@ -17,6 +17,8 @@ import openai
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 MODEL = "smollm2-135m-instruct"
 KEY = "test-key-123"
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2+2?", "Say hello."]

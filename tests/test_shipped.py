@@ -100,6 +100,16 @@ def _as_shipped(path: Path, tmp_path: Path) -> Path:
     return copy
 
 
+PROMPT_IDS = [1, 9690, 314, 253, 3575, 282, 4649, 47, 2]
+
+
+def _complete(url: str, n: int) -> str:
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": "smollm2-135m-instruct", "prompt": PROMPT_IDS,
+                                                               "max_tokens": n, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 def _ask(url: str) -> str:
     r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
         "model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16,
@@ -121,6 +131,11 @@ def _stop(proc: subprocess.Popen, out: _Output) -> int:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("config", LOCAL, ids=[p.name for p in LOCAL])
 def test_local_config_answers_under_tpi_launch(config, smollm2, tmp_path):
+    """`tpi launch` starts every rank, prefixes their output, the workers fetch their own shards,
+    the cluster answers (greedy tokens equal to transformers'), and Ctrl-C stops every rank."""
+    import torch
+
+    _, model, tok = smollm2
     path = _as_shipped(config, tmp_path)
     cfg = load_cluster_config(path)
     proc = subprocess.Popen(["tpi", "launch", str(path)], env=_env(tmp_path, Path(smollm2[0])),
@@ -128,14 +143,22 @@ def test_local_config_answers_under_tpi_launch(config, smollm2, tmp_path):
     out = _Output(proc)
     try:
         out.wait_for(r"serving '.*' on http://", 240)
-        ranks = psutil.Process(proc.pid).children(recursive=True)
-        assert "Paris" in _ask(f"http://{cfg.master.http_host}:{cfg.master.http_port}")
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "tpi" in " ".join(p.cmdline())]
+        assert len(ranks) >= cfg.world_size
+        url = f"http://{cfg.master.http_host}:{cfg.master.http_port}"
+        assert "Paris" in _ask(url)
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=8, do_sample=False)[0, len(PROMPT_IDS):]
+        assert _complete(url, 8) == tok.decode(ref, skip_special_tokens=True)
         assert _stop(proc, out) in (0, 130)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert not psutil.wait_procs(ranks, timeout=10)[1], "ranks outlived tpi launch"
+    for w in cfg.workers:
+        out.wait_for(rf"\[rank {w.rank}@{w.host}\] ", 1)
+        assert list((tmp_path / "cache" / "fetched" / f"rank{w.rank}" / f"rank{w.rank}").glob("layer*.safetensors"))
 
 
 @pytest.fixture(scope="module")

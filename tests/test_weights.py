@@ -21,11 +21,13 @@ from safetensors.torch import load_file
 
 from tpi.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeConfig
 from tpi.options import MemoryOptions, RankOptions
-from tpi.rank_model import RankModel, open_rank_model
 from tpi.partition import make_plan
+from tpi.rank_model import RankModel, open_rank_model
 from tpi.safetensors_io import ShardFileError, read_header
 from tpi.scheduler import read_block
 from tpi.weights import Manifest, block_file, block_spec, load_block, split, verify_rank_files
+
+pytestmark = pytest.mark.unit
 
 WORLD = 3
 

@@ -23,6 +23,8 @@ from tpi.comm.wire import (
     encode,
 )
 
+pytestmark = pytest.mark.unit
+
 HIDDEN = 4
 ANY = Expect(frozenset(Kind), hidden=HIDDEN, dtype=torch.float32, max_length=16, max_layer=2)
 INFO_KINDS = {Kind.HELLO, Kind.REFUSE, Kind.ERROR}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpi.comm import collectives
-from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted
+from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted, WorkerChannel
 from tpi.comm.spoke import Spoke
 from tpi.comm.wire import Kind
 from tpi.fetch import fetch_shards
@@ -76,7 +76,7 @@ def serve(opts: WorkerOptions) -> None:
         log.info("rank %d joined %s", opts.rank, opts.master)
         while not stop.is_set():
             try:
-                _serve_one(model, comm)
+                serve_one(model, comm)
             except Shutdown:
                 leaving = ""
                 return
@@ -95,7 +95,9 @@ def serve(opts: WorkerOptions) -> None:
         model.close()
 
 
-def _serve_one(model: RankModel, comm: Spoke) -> None:
+def serve_one(model: RankModel, comm: WorkerChannel) -> None:
+    """The worker's loop body: the next control message (within a second), handled: a step run
+    through every layer, a sequence freed, statistics sent."""
     try:
         msg = comm.receive(timeout=1.0)
     except (Shutdown, MasterLost):
@@ -110,7 +112,7 @@ def _serve_one(model: RankModel, comm: Spoke) -> None:
         comm.send_stats(model.stats(comm.timing.seconds, comm.timing.calls))
 
 
-def _step(model: RankModel, comm: Spoke, msg) -> None:
+def _step(model: RankModel, comm: WorkerChannel, msg) -> None:
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -2,8 +2,9 @@
 
 Owns: the ``Communicator`` protocol (``all_reduce``, ``close``: what the layer loop needs), the
 ``ControlPlane`` protocol (the master's side beside it: ``broadcast``, ``wait_for_workers``,
-``poll_idle``, ``health``, ``gather_stats``), ``SingleRank`` (both, for a world of one) and the
-errors a backend raises. Does not know: sockets (each backend has its own file), the model.
+``poll_idle``, ``health``, ``gather_stats``), ``WorkerChannel`` (a worker's side: ``receive``,
+``send_stats``, ``send_error``), ``SingleRank`` (a world of one) and the errors a backend
+raises. Does not know: sockets (each backend has its own file), the model.
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ class ControlPlane(Protocol):
     def gather_stats(self, timeout: float = 10.0) -> list[RankStats]:
         """Each worker's statistics, in rank order, asked for and awaited with a timeout."""
         ...
+
+
+class WorkerChannel(Protocol):
+    """A worker's side beside the allreduce: control messages in, statistics and errors out."""
+
+    rank: int
+    timing: CallTimer
+
+    def all_reduce(self, partial: torch.Tensor, tag: Tag) -> torch.Tensor: ...
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """The next STEP, FREE, CANCEL or STATS; CommError when none came within `timeout`,
+        Shutdown when the master asked this worker to stop."""
+        ...
+
+    def send_stats(self, stats: RankStats) -> None: ...
+
+    def send_error(self, text: str) -> None: ...
 
 
 class SingleRank:
