@@ -15,7 +15,7 @@ WORKDIR /opt/tpi
 COPY pyproject.toml README.md ./
 COPY tpi ./tpi
 COPY launcher ./launcher
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[master]"
 COPY docker ./docker
 
 # split files (master) and fetched shards (workers) live here: a volume per service in docker-compose.yml

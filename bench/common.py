@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ class LlamaShape:
 
 SHAPES = {
     "random100m": LlamaShape(768, 2048, 12, 12, 4, tie_embeddings=True),  # ~100M, latency.py
-    "llama1b": LlamaShape(2048, 5632, 16, 16, 4),  # ~850M at 16 layers: streaming.py, split_memory.py
+    "llama850m": LlamaShape(2048, 5632, 16, 16, 4),  # ~850M at 16 layers: streaming.py, split_memory.py
     "tinyllama": LlamaShape(2048, 5632, 22, 32, 4),  # TinyLlama-1.1B: blocks of 19/69 MB in bf16
     "llama7b": LlamaShape(4096, 11008, 4, 32, 32),  # 4 layers of Llama-2-7B: blocks of 134/270 MB in bf16
     "llama70b": LlamaShape(8192, 28672, 80, 64, 8, max_position=4096),  # Llama-2-70B's layers
@@ -248,8 +249,6 @@ def git_revision() -> str:
 
 def command_line(script: str) -> str:
     """How this script was run, for a report: `python bench/<script> <args>`."""
-    import shlex
-
     return shlex.join(["python", f"bench/{script}", *sys.argv[1:]])
 
 

@@ -229,7 +229,7 @@ def emulate_table(rows: list[Row], args: argparse.Namespace, delay_with: str) ->
                       f"{r.floor_ms:.1f}", f"{ms / r.floor_ms:.2f}", added, f"{4 * r.layers * r.delay_ms:.0f}"])
     cols = ["rate", "one-way delay ms", "probe RTT ms", "allreduce ms/call", "ms/token", "floor ms/token",
             "measured/floor", "added by the delay ms/token", "floor's delay part"]
-    return "\n".join(lines) + table(cols, cells, "lrrrrrrrr") + "\n"
+    return "\n".join([*lines, table(cols, cells, "lrrrrrrrr")]) + "\n"
 
 
 def plot(rows: list[Row], path: Path) -> bool:

@@ -29,7 +29,7 @@ from common import OUT_DIR, SHAPES, table, write_llama, write_report
 LIMIT_BYTES = 10**9
 SHARD_BYTES = 10**9
 NEEDED_DISK = 7 * 10**9
-SHAPE = SHAPES["llama1b"]  # hidden 2048, FFN 5632, 16 heads, 4 KV heads: 14 layers are about 3.05 GB in float32
+SHAPE = SHAPES["llama850m"]  # hidden 2048, FFN 5632, 16 heads, 4 KV heads: 14 layers are about 3.05 GB in float32
 # run in the child: split, then report its own peak RSS and the times as one JSON line
 CHILD = """
 import json, sys, time

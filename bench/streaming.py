@@ -59,7 +59,7 @@ from tpi.stats import RankStats
 
 CHUNK = 64 << 20
 TARGET_RATIO = 1.3
-LLAMA_850M = SHAPES["llama1b"]  # 16 layers: ~850M parameters; no EOS id: every run makes all its tokens
+LLAMA_850M = SHAPES["llama850m"]  # 16 layers: ~850M parameters; no EOS id: every run makes all its tokens
 
 
 # -- the disk ----------------------------------------------------------------------------------

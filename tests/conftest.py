@@ -1,16 +1,19 @@
-"""Shared fixtures: tiny seeded random-weight models of each family, the embedded model, and a
-check that no test leaves a child process behind."""
+"""Shared fixtures: tiny seeded random-weight models of each family, the embedded model, a check
+that no test leaves a child process behind, the tiers (one marker per test), a process's output
+lines to wait on, and whether `tpi emulate` can run here."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-
 
 TIERS = ("unit", "inprocess", "cluster", "slow")
 
@@ -139,3 +142,45 @@ def smollm2():
     path = default_model_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, model, AutoTokenizer.from_pretrained(path)
+
+
+class Lines:
+    """Collects a process's output lines on a thread; `wait_for` a pattern, without sleeping."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("<eof>")
+            self.cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                assert left > 0 and "<eof>" not in self.lines, f"no {pattern!r} in:\n" + "\n".join(self.lines[-30:])
+                self.cond.wait(left)
+
+
+@pytest.fixture(scope="session")
+def can_emulate():
+    """Skip unless this machine lets us build a network (root, iproute2, namespaces, bridges)."""
+    from tpi.emulate import EmulateError, Network, check_prerequisites
+
+    try:
+        check_prerequisites()
+        Network(1).start().close()
+    except EmulateError as e:
+        pytest.skip(f"tpi emulate cannot run here: {e}")

@@ -1,11 +1,14 @@
 """The command line as a user runs it: `tpi split`, then `tpi master` and `tpi worker` started by
-hand as separate processes, and `tpi run` on the embedded model."""
+hand as separate processes (the workers on a worker's install: none of the master's packages), and
+`tpi run` on the embedded model."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +37,9 @@ def test_split_master_and_workers_by_hand(smollm2, tmp_path):
         line = master.stderr.readline()
         address = re.search(r"tcp://[\d.]+:\d+", line)
         assert address, line
+        no_extras = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "no_extras")}  # a worker's install
         workers = [subprocess.Popen(_tpi("worker", "--master", address.group(0), "--rank", str(r),
-                                         "--shards", str(shards)), stderr=subprocess.PIPE, text=True)
+                                         "--shards", str(shards)), stderr=subprocess.PIPE, text=True, env=no_extras)
                    for r in (1, 2)]
         out, err = master.communicate(timeout=120)
         assert master.returncode == 0, err

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import psutil
@@ -126,11 +127,20 @@ def test_killed_worker_gives_clear_error_quickly(tiny_models, split_cache):
 
 
 @pytest.mark.timeout(60)
-def test_workers_import_no_transformers():
-    code = ("import sys, tpi.worker, tpi.forward, tpi.comm.spoke, tpi.weights; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == "[]"
+def test_a_worker_imports_none_of_the_masters_packages():
+    """What `tpi worker` imports, on a worker's install (tests/no_extras blocks the [master] extra:
+    test_cli.py runs whole workers so); the blocker itself is checked."""
+    from launcher.cli import MASTER_PACKAGES
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "no_extras")}
+    code = ("import sys, launcher.cli, tpi.worker, tpi.forward, tpi.comm.spoke, tpi.weights, tpi.fetch; "
+            "launcher.cli.build_parser().parse_args(['worker', '--master', 'tcp://127.0.0.1:1', '--rank', '1']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in launcher.cli.MASTER_PACKAGES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    out = subprocess.run([sys.executable, "-c", f"import {MASTER_PACKAGES[0]}"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode != 0 and "a worker's install" in out.stderr
 
 
 @pytest.mark.timeout(120)

@@ -155,7 +155,7 @@ def _tensor(raw: bytes, shape) -> torch.Tensor:
 
 @pytest.mark.cluster
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world", [2, 3, 4, 5])
+@pytest.mark.parametrize("world", [2, 3, 5])  # a ring of 2, and trees of 3 and 5 (not a power of two)
 def test_collectives_equal_in_order_references(world: int) -> None:
     results = run_ranks(world)
     for rank in range(world):

@@ -100,7 +100,7 @@ def test_compose_runs_the_commands_of_compose_4(compose, cluster):
 def test_dockerfile_installs_torch_first_then_tpi():
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
     torch = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln and ln.startswith("RUN pip install"))
-    tpi = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install") and ln.endswith(" ."))
+    tpi = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install") and ln.endswith(' ".[master]"'))
     assert torch < tpi and any("iproute2" in ln for ln in lines)
     copied = {ln.split()[1] for ln in lines if ln.startswith("COPY")}
     assert {"pyproject.toml", "tpi", "launcher", "docker"} <= copied

@@ -7,37 +7,25 @@ otherwise, with the reason)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from conftest import Lines
 from prometheus_client.parser import text_string_to_metric_families
 
 from launcher.cli import build_parser, cmd_emulate
 from tpi import LocalCluster
-from tpi.emulate import EmulateError, Network, check_prerequisites, owned_names, remove_leftovers
+from tpi.emulate import owned_names, remove_leftovers
 
 DELAY_S = 0.002
 PROMPT_IDS = [3, 17, 42, 99, 5]
 NEW_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def can_emulate():
-    """Skip unless this machine lets us build a network (root, iproute2, namespaces, bridges)."""
-    try:
-        check_prerequisites()
-        Network(1).start().close()
-    except EmulateError as e:
-        pytest.skip(f"tpi emulate cannot run here: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -55,36 +43,6 @@ def tiny_with_tokenizer(tiny_models, tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
     return path
-
-
-class _Output:
-    """Collects a process's output lines on a thread; `wait_for` a pattern, without sleeping."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        self.thread.start()
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append("<eof>")
-            self.cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for line in self.lines:
-                    if m := re.search(pattern, line):
-                        return m
-                left = deadline - time.monotonic()
-                assert left > 0 and "<eof>" not in self.lines, f"no {pattern!r} in:\n" + "\n".join(self.lines[-30:])
-                self.cond.wait(left)
 
 
 def _metrics(url: str) -> dict[tuple[str, str], float]:
@@ -116,7 +74,7 @@ def test_emulated_cluster_matches_loopback_and_pays_the_round_trip(can_emulate, 
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     emu = subprocess.Popen([sys.executable, "-m", "launcher.cli", "emulate", str(tmp_path / "emu.yaml")], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = _Output(emu)
+    out = Lines(emu)
     try:
         m = out.wait_for(r"namespaces (tpe\d+[a-z])-0\.\.2 .*\((?:delay proxy|netem).* API at (http://\S+)/v1", 60)
         tag, url = m.group(1), m.group(2)

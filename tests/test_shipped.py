@@ -7,22 +7,20 @@ capital of France). Slow tier: each starts a whole cluster of real processes."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 import yaml
+from conftest import Lines
 
 from tpi.cluster_config import load_cluster_config
-from tpi.emulate import EmulateError, Network, check_prerequisites, owned_names
+from tpi.emulate import owned_names
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "cluster_configs").glob("*.yaml"))
@@ -30,36 +28,6 @@ LOCAL = [p for p in CONFIGS if all(n.local for n in load_cluster_config(p).nodes
 QUESTION = "What is the capital of France?"
 
 pytestmark = pytest.mark.slow
-
-
-class _Output:
-    """A process's output lines, collected on a thread; `wait_for` a pattern without sleeping."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        self.thread.start()
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append("<eof>")
-            self.cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for line in self.lines:
-                    if m := re.search(pattern, line):
-                        return m
-                left = deadline - time.monotonic()
-                assert left > 0 and "<eof>" not in self.lines, f"no {pattern!r} in:\n" + "\n".join(self.lines[-40:])
-                self.cond.wait(left)
 
 
 def _env(tmp_path: Path, smollm2_dir: Path) -> dict:
@@ -118,7 +86,7 @@ def _ask(url: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def _stop(proc: subprocess.Popen, out: _Output) -> int:
+def _stop(proc: subprocess.Popen, out: Lines) -> int:
     proc.send_signal(signal.SIGINT)
     try:
         return proc.wait(60)
@@ -140,7 +108,7 @@ def test_local_config_answers_under_tpi_launch(config, smollm2, tmp_path):
     cfg = load_cluster_config(path)
     proc = subprocess.Popen(["tpi", "launch", str(path)], env=_env(tmp_path, Path(smollm2[0])),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = _Output(proc)
+    out = Lines(proc)
     try:
         out.wait_for(r"serving '.*' on http://", 240)
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "tpi" in " ".join(p.cmdline())]
@@ -161,23 +129,13 @@ def test_local_config_answers_under_tpi_launch(config, smollm2, tmp_path):
         assert list((tmp_path / "cache" / "fetched" / f"rank{w.rank}" / f"rank{w.rank}").glob("layer*.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def can_emulate():
-    """Skip unless this machine lets us build a network (root, iproute2, namespaces, bridges)."""
-    try:
-        check_prerequisites()
-        Network(1).start().close()
-    except EmulateError as e:
-        pytest.skip(f"tpi emulate cannot run here: {e}")
-
-
 @pytest.mark.timeout(420)
 def test_compose_4_answers_under_tpi_emulate(can_emulate, smollm2, tmp_path):
     config = ROOT / "cluster_configs" / "compose-4.yaml"
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "emulate", str(config)],
                             env=_env(tmp_path, Path(smollm2[0])), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    out = _Output(proc)
+    out = Lines(proc)
     try:
         m = out.wait_for(r"namespaces (tpe\d+[a-z])-0\.\.3 .* API at (http://\S+)/v1", 60)
         tag, url = m.group(1), m.group(2)

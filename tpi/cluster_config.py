@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tpi.comm.security import check_public_key
+from tpi.comm.security import LOCAL_HOSTS, check_public_key
 from tpi.config import ConfigError, ModelConfig, parse_bytes
 from tpi.options import Collective, DType, PayloadName
 
@@ -23,7 +23,6 @@ _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
 _RATE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)\s*", re.IGNORECASE)
 _HOST = re.compile(r"[A-Za-z0-9_.:\-\[\]]+")
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class _Strict(BaseModel):

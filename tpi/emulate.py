@@ -5,18 +5,14 @@ other end is a port of one bridge (the switch; the bridge also has an address, s
 reaches the master's HTTP API); the link's rate shaped with ``tc tbf`` on both ends of every veth
 (a full-duplex link of that rate: a node's egress, and the switch's port towards it); the link's
 one-way delay applied to every packet a node sends, with ``netem`` where the kernel has it, else
-with ``DelayLine``, the project's own delay proxy. It then runs the config's commands (``launch``)
+with ``DelayLine``, the project's own delay proxy (delay_proxy.py). It then runs the config's commands (``launch``)
 inside the namespaces, and removes everything at exit: in ``close`` (``finally``, Ctrl-C, SIGTERM,
 ``atexit``), and, for a run that was killed outright, at the start of the next run (names carry
 the pid of the process that made them; those of dead processes are removed).
 
-The delay proxy works on packets, not connections, so it delays every link, whatever the port:
-in each namespace, packets the node sends to the subnet are routed (policy rule ``iif lo``) into a
-TUN device whose file descriptor this process holds; a reader thread stamps each packet and a
-writer thread writes it back into the TUN at stamp + delay, and the node's kernel forwards it out
-of its veth. Both directions of every connection (master to worker, worker to worker) are delayed
-by their sender, packets of one direction are released in order and none waits for another's
-delay, so throughput is not serialised. Delay 0 uses no proxy at all.
+With the delay proxy, packets a node sends to the subnet are routed (policy rule ``iif lo``) into
+its delay line's TUN device, so both directions of every connection (master to worker, worker to
+worker) are delayed by their sender, on any port. Delay 0 uses no proxy at all.
 
 Does not know: the wire protocol, the model, what the processes do (``launch.node_commands``).
 """
@@ -25,23 +21,19 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import fcntl
 import ipaddress
 import os
-import queue
 import re
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Literal, TextIO
 
 from tpi.cluster_config import ClusterConfig, Link
+from tpi.delay_proxy import DelayLine, TunError
 from tpi.errors import TpiError
 from tpi.launch import Launcher, NodeCommand, node_commands
 
@@ -49,7 +41,6 @@ PREFIX = "tpe"  # every name this module makes: tpe<pid><letter>-...
 _OWNED = re.compile(rf"{PREFIX}(\d+)([a-z])-")
 SUBNETS = [f"10.77.{i}.0/24" for i in range(256)]  # the first one this machine does not route yet
 MAX_RANKS = 99  # interface names stay within Linux's 15 characters
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 RULE_PREF, DELAY_TABLE = "100", "100"
 DelayMode = Literal["auto", "netem", "proxy"]
 _seq = 0
@@ -148,74 +139,6 @@ def _free_subnet() -> str:
         if net.rsplit(".", 2)[0] + "." not in used:
             return net
     raise EmulateError("no free subnet among 10.77.0-255.0/24: pass one with --subnet")
-
-
-# -- the delay proxy ----------------------------------------------------------------------------------
-def _open_tun(name: str) -> int:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
-    except OSError as e:
-        os.close(fd)
-        raise EmulateError(f"cannot create the TUN device {name} for the delay proxy: {e}") from None
-    return fd
-
-
-class DelayLine:
-    """One node's egress delay: IP packets read from its TUN device are written back `delay_s` later.
-
-    The device lives as long as this object's file descriptor: a killed emulator leaves none behind."""
-
-    def __init__(self, name: str, delay_s: float):
-        if delay_s <= 0:
-            raise ValueError(f"delay_s={delay_s}: a delay line needs a positive delay")
-        self.name, self.delay_s = name, delay_s
-        self.packets = 0  # packets delayed so far
-        self.fd = _open_tun(name)
-        self._wake_r, self._wake_w = os.pipe()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (due, packet) in arrival order
-        self._threads = [threading.Thread(target=self._read, daemon=True, name=f"tpi-delay-read-{name}"),
-                         threading.Thread(target=self._write, daemon=True, name=f"tpi-delay-write-{name}")]
-
-    def start(self) -> DelayLine:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _read(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while all(fd != self._wake_r for fd, _ in poller.poll()):
-            while True:  # drain the burst that woke us
-                try:
-                    packet = os.read(self.fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    return
-                self._queue.put((time.monotonic() + self.delay_s, packet))
-
-    def _write(self) -> None:
-        while (item := self._queue.get()) is not None:
-            due, packet = item
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            try:
-                os.write(self.fd, packet)
-                self.packets += 1
-            except OSError:
-                pass  # the namespace is going away, or a packet the stack refuses: a wire drops it too
-
-    def close(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._queue.put(None)
-        for t in self._threads:
-            if t.is_alive():
-                t.join(5)
-        for fd in (self.fd, self._wake_r, self._wake_w):
-            os.close(fd)
 
 
 # -- the network --------------------------------------------------------------------------------------
@@ -341,7 +264,10 @@ class Network:
         ns, name = node.netns, f"{self.tag}-d{node.rank}"
         line = self.delay_lines.get(node.rank)
         if line is None and delay_s > 0:
-            line = self.delay_lines[node.rank] = DelayLine(name, delay_s)
+            try:
+                line = self.delay_lines[node.rank] = DelayLine(name, delay_s)
+            except TunError as e:
+                raise EmulateError(str(e)) from None
             _run("ip", "link", "set", name, "netns", ns)
             _run("ip", "-n", ns, "link", "set", name, "up")
             _run("ip", "-n", ns, "route", "add", self.subnet, "dev", name, "src", node.address, "table", DELAY_TABLE)

@@ -16,48 +16,17 @@ from dataclasses import dataclass
 from tpi.config import ConfigError, ModelConfig
 
 
-@dataclass(frozen=True)
-class RankShard:
-    rank: int
-    kv_heads: tuple[int, int]  # [start, end) over KV heads
-    heads: tuple[int, int]  # [start, end) over query heads
-    ffn: tuple[int, int]  # [start, end) over intermediate columns
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.kv_heads[1] - self.kv_heads[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.heads[1] - self.heads[0]
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn[1] - self.ffn[0]
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    world_size: int
-    ratios: tuple[float, ...]
-    shards: tuple[RankShard, ...]
-
-    def to_dict(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "ratios": list(self.ratios),
-            "shards": [
-                {"rank": s.rank, "kv_heads": list(s.kv_heads), "heads": list(s.heads), "ffn": list(s.ffn)}
-                for s in self.shards
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ShardPlan:
-        shards = tuple(
-            RankShard(s["rank"], tuple(s["kv_heads"]), tuple(s["heads"]), tuple(s["ffn"])) for s in d["shards"]
-        )
-        return cls(int(d["world_size"]), tuple(float(r) for r in d["ratios"]), shards)
+def make_plan(cfg: ModelConfig, world_size: int, ratios: Sequence[float] | str | None = None) -> ShardPlan:
+    """Per-rank KV-head, query-head and FFN-column ranges for `world_size` ranks (master included)."""
+    r = parse_ratios(ratios, world_size)
+    kv_sizes = apportion(cfg.num_kv_heads, r, "KV heads")
+    ffn_sizes = apportion(cfg.intermediate_size, r, "FFN columns")
+    g = cfg.group_size
+    shards = tuple(
+        RankShard(rank, kv, (kv[0] * g, kv[1] * g), ffn)
+        for rank, (kv, ffn) in enumerate(zip(_ranges(kv_sizes), _ranges(ffn_sizes)))
+    )
+    return ShardPlan(world_size, r, shards)
 
 
 def parse_ratios(text: str | Sequence[float] | None, world_size: int) -> tuple[float, ...]:
@@ -115,14 +84,45 @@ def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def make_plan(cfg: ModelConfig, world_size: int, ratios: Sequence[float] | str | None = None) -> ShardPlan:
-    """Per-rank KV-head, query-head and FFN-column ranges for `world_size` ranks (master included)."""
-    r = parse_ratios(ratios, world_size)
-    kv_sizes = apportion(cfg.num_kv_heads, r, "KV heads")
-    ffn_sizes = apportion(cfg.intermediate_size, r, "FFN columns")
-    g = cfg.group_size
-    shards = tuple(
-        RankShard(rank, kv, (kv[0] * g, kv[1] * g), ffn)
-        for rank, (kv, ffn) in enumerate(zip(_ranges(kv_sizes), _ranges(ffn_sizes)))
-    )
-    return ShardPlan(world_size, r, shards)
+@dataclass(frozen=True)
+class RankShard:
+    rank: int
+    kv_heads: tuple[int, int]  # [start, end) over KV heads
+    heads: tuple[int, int]  # [start, end) over query heads
+    ffn: tuple[int, int]  # [start, end) over intermediate columns
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn[1] - self.ffn[0]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    world_size: int
+    ratios: tuple[float, ...]
+    shards: tuple[RankShard, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "ratios": list(self.ratios),
+            "shards": [
+                {"rank": s.rank, "kv_heads": list(s.kv_heads), "heads": list(s.heads), "ffn": list(s.ffn)}
+                for s in self.shards
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardPlan:
+        shards = tuple(
+            RankShard(s["rank"], tuple(s["kv_heads"]), tuple(s["heads"]), tuple(s["ffn"])) for s in d["shards"]
+        )
+        return cls(int(d["world_size"]), tuple(float(r) for r in d["ratios"]), shards)

@@ -27,6 +27,163 @@ from tpi.safetensors_io import ShardFileError, pread_into
 ALIGN = 64  # each tensor starts on a 64-byte boundary, as torch's own allocations do
 
 
+class WeightScheduler:
+    """`with sched.block(i) as w:` gives block i's tensors; blocks must be used in cyclic order
+    0, 1, ..., n-1, 0, ... (pinned ones included) — every step of the model walks them all."""
+
+    def __init__(self, blocks: list[BlockSpec], residency: Residency, drop_page_cache: bool = False,
+                 threads: int = 1, pin_memory: bool = False):
+        self.blocks, self.res, self.drop, self.pin_memory = blocks, residency, drop_page_cache, pin_memory
+        self.counters = Counters()
+        self._threads = threads
+        self._fds: dict[str, int] = {}
+        self._pinned: dict[int, dict[str, torch.Tensor]] = {}
+        self._stream = [i for i in range(len(blocks)) if i not in residency.pinned]  # the streamed cycle
+        self._slots = [_Slot(torch.empty(residency.slot_bytes, dtype=torch.uint8, pin_memory=pin_memory))
+                       for _ in range(residency.window)]
+        self._cv = threading.Condition()
+        self._next_use = 0  # position in the full cycle of blocks
+        self._next_load = 0  # ticket of the next streamed load
+        self._next_stream_use = 0  # ticket the consumer will take next
+        self._epoch = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.on_load_start = None  # test hook: called with the block index before each streamed load
+
+    # -- the consumer ------------------------------------------------------------------------------
+    @contextmanager
+    def block(self, index: int) -> Iterator[dict[str, torch.Tensor]]:
+        expected = self._next_use % len(self.blocks)
+        if index != expected:
+            raise SchedulerError(f"block {index} asked for out of order; block {expected} comes next")
+        if index in self._pinned:
+            self._next_use += 1
+            yield self._pinned[index]
+            return
+        slot = self._wait_for(self._next_stream_use)
+        try:
+            yield self._views(self.blocks[index], slot.buffer)
+        finally:
+            with self._cv:
+                slot.ticket, slot.ready = None, False
+                self._next_stream_use += 1
+                self._next_use += 1
+                self._cv.notify_all()
+
+    def reset(self) -> None:
+        """Start the cycle again at block 0 (after a step was abandoned half-way)."""
+        with self._cv:
+            self._epoch += 1
+            for s in self._slots:
+                s.ticket, s.ready = None, False
+            self._next_use = self._next_load = self._next_stream_use = 0
+            self._cv.notify_all()
+
+    def _wait_for(self, ticket: int) -> _Slot:
+        t0 = time.perf_counter()
+        with self._cv:
+            while True:
+                if self._error is not None:
+                    raise SchedulerError(f"loading weights failed: {self._error}") from self._error
+                slot = next((s for s in self._slots if s.ticket == ticket and s.ready), None)
+                if slot is not None:
+                    break
+                self._cv.wait(1.0)
+        self.counters.stall_s += time.perf_counter() - t0
+        return slot
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> WeightScheduler:
+        for i in sorted(self.res.pinned):
+            self._pinned[i] = self._read(self.blocks[i], None)
+        if self._stream:
+            self._thread = threading.Thread(target=self._loader, name="tpi-weight-loader", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> WeightScheduler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def pinned(self, index: int) -> dict[str, torch.Tensor]:
+        """A pinned block's tensors (they stay for the scheduler's lifetime)."""
+        return self._pinned[index]
+
+    # -- the loader thread -------------------------------------------------------------------------
+    def _loader(self) -> None:
+        torch.set_num_threads(self._threads)  # the per-thread default would be every core
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self._can_load():
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    ticket, epoch = self._next_load, self._epoch
+                    slot = next(s for s in self._slots if s.ticket is None)
+                    slot.ticket, slot.ready = ticket, False
+                    self._next_load += 1
+                    held = sum(s.ticket is not None for s in self._slots)
+                    self.counters.max_streamed_held = max(self.counters.max_streamed_held, held)
+                index = self._stream[ticket % len(self._stream)]
+                if self.on_load_start is not None:
+                    self.on_load_start(index)
+                self._read(self.blocks[index], slot.buffer)
+                with self._cv:
+                    if epoch == self._epoch and slot.ticket == ticket:
+                        slot.ready = True
+                    self._cv.notify_all()
+        except BaseException as e:  # reported to the consumer, which raises it
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
+
+    def _can_load(self) -> bool:
+        free = any(s.ticket is None for s in self._slots)
+        return free and self._next_load - self._next_stream_use < len(self._slots)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _read(self, block: BlockSpec, buffer: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Read a block into `buffer` (streamed) or into fresh tensors (pinned)."""
+        fd = self._fd(block.path)
+        out = self._views(block, buffer) if buffer is not None else _fresh(block, self.pin_memory)
+        _fill(fd, block, out)
+        if buffer is None:  # a pinned block, read once at start: not the rank's work per token
+            return out
+        if self.drop:
+            for t in block.tensors:
+                os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
+        self.counters.bytes_read += sum(t.nbytes for t in block.tensors)
+        self.counters.loads += 1
+        return out
+
+    @staticmethod
+    def _views(block: BlockSpec, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for t in block.tensors:
+            out[t.name] = buffer[off:off + t.nbytes].view(t.dtype).view(t.shape)
+            off += _aligned(t.nbytes)
+        return out
+
+
 @dataclass(frozen=True)
 class TensorRange:
     name: str
@@ -146,160 +303,3 @@ class _Slot:
     buffer: torch.Tensor  # uint8 [slot_bytes]
     ticket: int | None = None  # which load (a position in the stream) occupies it
     ready: bool = False
-
-
-class WeightScheduler:
-    """`with sched.block(i) as w:` gives block i's tensors; blocks must be used in cyclic order
-    0, 1, ..., n-1, 0, ... (pinned ones included) — every step of the model walks them all."""
-
-    def __init__(self, blocks: list[BlockSpec], residency: Residency, drop_page_cache: bool = False,
-                 threads: int = 1, pin_memory: bool = False):
-        self.blocks, self.res, self.drop, self.pin_memory = blocks, residency, drop_page_cache, pin_memory
-        self.counters = Counters()
-        self._threads = threads
-        self._fds: dict[str, int] = {}
-        self._pinned: dict[int, dict[str, torch.Tensor]] = {}
-        self._stream = [i for i in range(len(blocks)) if i not in residency.pinned]  # the streamed cycle
-        self._slots = [_Slot(torch.empty(residency.slot_bytes, dtype=torch.uint8, pin_memory=pin_memory))
-                       for _ in range(residency.window)]
-        self._cv = threading.Condition()
-        self._next_use = 0  # position in the full cycle of blocks
-        self._next_load = 0  # ticket of the next streamed load
-        self._next_stream_use = 0  # ticket the consumer will take next
-        self._epoch = 0
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self.on_load_start = None  # test hook: called with the block index before each streamed load
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> WeightScheduler:
-        for i in sorted(self.res.pinned):
-            self._pinned[i] = self._read(self.blocks[i], None)
-        if self._stream:
-            self._thread = threading.Thread(target=self._loader, name="tpi-weight-loader", daemon=True)
-            self._thread.start()
-        return self
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(10)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> WeightScheduler:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def pinned(self, index: int) -> dict[str, torch.Tensor]:
-        """A pinned block's tensors (they stay for the scheduler's lifetime)."""
-        return self._pinned[index]
-
-    # -- the consumer ------------------------------------------------------------------------------
-    @contextmanager
-    def block(self, index: int) -> Iterator[dict[str, torch.Tensor]]:
-        expected = self._next_use % len(self.blocks)
-        if index != expected:
-            raise SchedulerError(f"block {index} asked for out of order; block {expected} comes next")
-        if index in self._pinned:
-            self._next_use += 1
-            yield self._pinned[index]
-            return
-        slot = self._wait_for(self._next_stream_use)
-        try:
-            yield self._views(self.blocks[index], slot.buffer)
-        finally:
-            with self._cv:
-                slot.ticket, slot.ready = None, False
-                self._next_stream_use += 1
-                self._next_use += 1
-                self._cv.notify_all()
-
-    def reset(self) -> None:
-        """Start the cycle again at block 0 (after a step was abandoned half-way)."""
-        with self._cv:
-            self._epoch += 1
-            for s in self._slots:
-                s.ticket, s.ready = None, False
-            self._next_use = self._next_load = self._next_stream_use = 0
-            self._cv.notify_all()
-
-    def _wait_for(self, ticket: int) -> _Slot:
-        t0 = time.perf_counter()
-        with self._cv:
-            while True:
-                if self._error is not None:
-                    raise SchedulerError(f"loading weights failed: {self._error}") from self._error
-                slot = next((s for s in self._slots if s.ticket == ticket and s.ready), None)
-                if slot is not None:
-                    break
-                self._cv.wait(1.0)
-        self.counters.stall_s += time.perf_counter() - t0
-        return slot
-
-    # -- the loader thread -------------------------------------------------------------------------
-    def _loader(self) -> None:
-        torch.set_num_threads(self._threads)  # the per-thread default would be every core
-        try:
-            while True:
-                with self._cv:
-                    while not self._closed and not self._can_load():
-                        self._cv.wait()
-                    if self._closed:
-                        return
-                    ticket, epoch = self._next_load, self._epoch
-                    slot = next(s for s in self._slots if s.ticket is None)
-                    slot.ticket, slot.ready = ticket, False
-                    self._next_load += 1
-                    held = sum(s.ticket is not None for s in self._slots)
-                    self.counters.max_streamed_held = max(self.counters.max_streamed_held, held)
-                index = self._stream[ticket % len(self._stream)]
-                if self.on_load_start is not None:
-                    self.on_load_start(index)
-                self._read(self.blocks[index], slot.buffer)
-                with self._cv:
-                    if epoch == self._epoch and slot.ticket == ticket:
-                        slot.ready = True
-                    self._cv.notify_all()
-        except BaseException as e:  # reported to the consumer, which raises it
-            with self._cv:
-                self._error = e
-                self._cv.notify_all()
-
-    def _can_load(self) -> bool:
-        free = any(s.ticket is None for s in self._slots)
-        return free and self._next_load - self._next_stream_use < len(self._slots)
-
-    # -- reading -----------------------------------------------------------------------------------
-    def _fd(self, path: str) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def _read(self, block: BlockSpec, buffer: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Read a block into `buffer` (streamed) or into fresh tensors (pinned)."""
-        fd = self._fd(block.path)
-        out = self._views(block, buffer) if buffer is not None else _fresh(block, self.pin_memory)
-        _fill(fd, block, out)
-        if buffer is None:  # a pinned block, read once at start: not the rank's work per token
-            return out
-        if self.drop:
-            for t in block.tensors:
-                os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
-        self.counters.bytes_read += sum(t.nbytes for t in block.tensors)
-        self.counters.loads += 1
-        return out
-
-    @staticmethod
-    def _views(block: BlockSpec, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, off = {}, 0
-        for t in block.tensors:
-            out[t.name] = buffer[off:off + t.nbytes].view(t.dtype).view(t.shape)
-            off += _aligned(t.nbytes)
-        return out

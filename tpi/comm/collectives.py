@@ -17,6 +17,7 @@ from typing import Any
 from tpi.comm.base import CommError
 from tpi.comm.links import Links
 from tpi.comm.payload import Payload, PayloadError, parse
+from tpi.comm.security import LOCAL_HOSTS
 from tpi.config import ConfigError
 from tpi.options import Collective, choices
 
@@ -32,7 +33,7 @@ def host_of(address: str) -> str:
 
 def route_to(host: str) -> str:
     """This machine's IP on the route to `host` (no packet is sent); loopback stays loopback."""
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if host in LOCAL_HOSTS:
         return "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from tpi.errors import TpiError
 
 log = logging.getLogger("tpi.comm")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # loopback: links that never leave this machine
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 

@@ -1,5 +1,7 @@
 """How skewed are FFN neuron activations in the embedded SiLU model? (issue 8, item 3: hot neurons)
 
+Research, not a benchmark of tpi: it studies the model (through transformers), not tpi's code.
+
 PowerInfer keeps the "hot" FFN neurons (intermediate columns) on the GPU and the rest on the CPU;
 that pays when a few neurons carry most activations, as in ReLU models where most outputs are
 exactly zero. This runs SmolLM2-135M-Instruct (SiLU) in float32 on the CPU with transformers over a
@@ -13,10 +15,11 @@ short calibration text, captures each layer's intermediate activation a = silu(g
 For each definition it reports the share of all activations that the hottest 10%, 20% and 50% of a
 layer's neurons cover (uniform: 10/20/50%), the Gini coefficient of the counts (0 = uniform, 1 =
 one neuron), and, for contrast with ReLU, the share of |a| below 1% of the token's largest (what a
-ReLU-style predictor could skip). Prints a table, writes bench/out/hot_neurons.md and a PNG of the
-Lorenz curves. Does not know: tpi's runtime (it needs only the embedded model's files).
+ReLU-style predictor could skip). Prints a table, writes research/out/hot_neurons.md and a PNG of
+the Lorenz curves (research/out/hot_neurons.png, when matplotlib is installed). Does not know:
+tpi's runtime (it needs only the embedded model's files).
 
-    python bench/hot_neurons.py [--threads 2]
+    python research/hot_neurons.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -136,10 +139,14 @@ def report(stats: list[dict], tokens: int, act: str) -> None:
 
 def plot(stats: list[dict]) -> None:
     """Lorenz curves of top-k activation counts: share of activations against share of neurons."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no hot_neurons.png (pip install matplotlib)")
+        return
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for i in sorted({0, len(stats) // 4, len(stats) // 2, 3 * len(stats) // 4, len(stats) - 1}):
@@ -152,6 +159,7 @@ def plot(stats: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(OUT / "hot_neurons.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
