@@ -258,7 +258,7 @@ def calibrate_inproc(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """offload.calibrate.calibrate_rows on one attention and one FFN block of world size 1's
     shapes, at the threads of world sizes 1 and 2: the rows mode's ms per synthetic walk at each
     share; then two walks at fixed shares with the Offloader's counters."""
-    from tpi.offload.calibrate import _synthetic_blocks, calibrate_rows, time_rows
+    from tpi.offload.calibrate import calibrate_rows, synthetic_blocks, time_rows
 
     s = SHAPES[args.shape]
     h, hd = s.hidden, s.dim
@@ -275,7 +275,7 @@ def calibrate_inproc(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         print(f"calibrate ({threads} threads, {nbytes / 1e6:.0f} MB, {time.perf_counter() - t0:.1f}s): best "
               f"{cal.fraction:.3f}; ms per walk " + ", ".join(f"{r:g}: {m:.2f}" for r, m in cal.rows_ms.items()),
               flush=True)
-    host = _synthetic_blocks(blocks, dtype, True, 1 << 30)
+    host = synthetic_blocks(blocks, dtype, True, 1 << 30)
     for share in (0.3, 0.6):
         counters: dict = {}
         ms = 1000 * time_rows(cuda, dtype, host, share, threads=args.cores, counters=counters)

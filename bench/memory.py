@@ -15,8 +15,7 @@ The page cache is not dropped: peak RSS is the processes' own memory; the page c
 block files is the kernel's, reclaimable, and not counted in it.
 
 Writes the tables to stdout and bench/out/memory.md, and a plot to bench/out/memory.png. Does not
-know: tpi's internals beyond ``LocalCluster``, ``split_cached``, the manifest and the activation
-bound each rank reserves (``tpi.rank_model._activation_bytes``).
+know: tpi's internals beyond ``LocalCluster``, ``split_cached`` and the stats each rank reports.
 
     python bench/memory.py                      # 4 and 6 layers, about 10-20 minutes
     python bench/memory.py --layers 4           # one layer count
@@ -71,17 +70,6 @@ class LayerRun:
     decode_s: float
     ids: list[int]
     ranks: list[RankStats]
-    activation: list[int]  # per rank: the activation bound its plan reserves (inside fixed_bytes)
-
-
-def activation_reserve(shard_dir: Path, max_context: int) -> list[int]:
-    """The activation bytes each rank's plan reserves (inside fixed_bytes), from tpi's own formula
-    (private: RankStats does not report it)."""
-    from tpi.rank_model import _activation_bytes
-    from tpi.weights import Manifest
-
-    m = Manifest.load(shard_dir)
-    return [_activation_bytes(m.config, s, s.rank, max_context) for s in m.plan.shards]
 
 
 def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argparse.Namespace) -> LayerRun:
@@ -106,11 +94,10 @@ def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argpars
         res = cluster.generate_full(prompt, max_new_tokens=args.new_tokens)
         generate_s = time.perf_counter() - t0
         ranks = cluster.stats()
-    activation = activation_reserve(shard_dir, args.max_context)
     ckpt = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     shutil.rmtree(shard_dir, ignore_errors=True)  # keep the disk at one split at a time
     return LayerRun(layers, ckpt, split_bytes, split_s, start_s, generate_s, res["ttft_s"], res["decode_s"],
-                    list(res["ids"]), ranks, activation)
+                    list(res["ids"]), ranks)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -118,14 +105,15 @@ def _mb(n: float) -> str:
     return f"{n / MB:,.0f}"
 
 
-def rank_row(r: RankStats, activation: int) -> list[str]:
-    runtime = r.fixed_bytes - r.kv_cache_bytes - activation
+def rank_row(r: RankStats) -> list[str]:
+    runtime = r.fixed_bytes - r.kv_cache_bytes - r.activation_bytes
     held = r.planned_bytes - r.fixed_bytes  # pinned blocks + window x slot
     expected = runtime + held + r.kv_cache_bytes
     target = MASTER_TARGET if r.rank == 0 else WORKER_TARGET
     ok = "yes" if r.peak_rss_bytes < target else "**NO**"
     return [f"{r.rank}{' (master)' if r.rank == 0 else ''}", _mb(r.peak_rss_bytes), f"{target / GB:.1f} GB", ok,
-            _mb(runtime), _mb(r.kv_cache_bytes), _mb(activation), _mb(r.fixed_bytes), _mb(r.largest_block_bytes),
+            _mb(runtime), _mb(r.kv_cache_bytes), _mb(r.activation_bytes), _mb(r.fixed_bytes),
+            _mb(r.largest_block_bytes),
             str(r.window), _mb(r.window * r.largest_block_bytes), f"{r.pinned_blocks} / {r.streamed_blocks}",
             _mb(r.block_bytes), _mb(held), _mb(expected), _mb(r.planned_bytes), _mb(r.bytes_read), str(r.steps)]
 
@@ -137,7 +125,7 @@ COLUMNS = ["rank", "peak RSS MB (VmHWM)", "target", "under", "runtime MB", "KV M
 
 
 def rank_table(run: LayerRun) -> str:
-    return table(COLUMNS, [rank_row(r, a) for r, a in zip(run.ranks, run.activation)])
+    return table(COLUMNS, [rank_row(r) for r in run.ranks])
 
 
 def run_summary(run: LayerRun) -> str:

@@ -61,7 +61,8 @@ class RankModel:
     gpu_blocks: dict[tuple, Weights]  # blocks resident on the accelerator, by key
     offload: BlockOffload | None  # how host blocks share the accelerator; None: on the CPU whole
     head: Head | None  # rank 0 only
-    fixed_bytes: int
+    fixed_bytes: int  # what the budget keeps for the runtime, the KV cache and activations
+    activation_bytes: int  # of fixed_bytes: the bound on one prefill chunk's temporaries
     calibration: Calibration | None = None  # what was measured at start for the offload
     busy_s: float = 0.0  # time inside steps: compute + waiting for weights + allreduce
     steps: int = 0
@@ -116,7 +117,8 @@ class RankModel:
             steps=self.steps, loads=c.loads, compute_s=max(0.0, self.busy_s - c.stall_s - allreduce_s),
             pinned_blocks=len(r.pinned), streamed_blocks=len(blocks) - len(r.pinned), window=r.window,
             max_streamed_held=c.max_streamed_held, planned_bytes=r.planned_bytes + self._embedding_copy_bytes(),
-            fixed_bytes=self.fixed_bytes, needed_min_bytes=r.needed_min, block_bytes=sum(b.nbytes for b in blocks),
+            fixed_bytes=self.fixed_bytes, activation_bytes=self.activation_bytes, needed_min_bytes=r.needed_min,
+            block_bytes=sum(b.nbytes for b in blocks),
             largest_block_bytes=max((b.nbytes for b in blocks), default=0), kv_cache_bytes=self.cache.nbytes,
             device=str(self.device), gpu_blocks=len(self.gpu_blocks), fetched_bytes=self.fetched_bytes,
             refused_messages=refused, offload_mode=off.mode if off else "", offload_share=off.share if off else 0.0,
@@ -191,7 +193,8 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
                                         opts.threads, COPY_SLOTS * slot, peers)
             share = calibration.fraction if calibration is not None else 1.0
         host_kv = cache.nbytes + (COPY_SLOTS * slot if share is not None else 0) if device.type == "cpu" else 0
-        fixed = runtime + host_kv + _activation_bytes(cfg, shard, rank, max_context)
+        activations = activation_bytes(cfg, shard, rank, max_context)
+        fixed = runtime + host_kv + activations
         budget = mem.budget_bytes
         if mem.stream_all:
             budget = fixed + (mem.window or 2) * max((s.nbytes for s in host), default=0)
@@ -205,7 +208,7 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
             offload = BlockOffload(sched, device, off.mode, share, slot, opts.threads, off.prefetch, exact=not tune)
             stack.callback(offload.close)
         model = RankModel(cfg, rank, manifest.dtype, max_context, device, cache, sched, gpu_blocks, offload, head,
-                          fixed, calibration)
+                          fixed, activations, calibration)
         if head is not None:
             head.table = _resident_embedding(model, budget)
         if tune:
@@ -251,7 +254,7 @@ def _load_on_gpu(device: torch.device, first: list, others: list, budget_setting
     return {spec.key: {k: t.to(device) for k, t in read_block(spec).items()} for spec in place(first, others, room)}
 
 
-def _activation_bytes(cfg, shard, rank: int, max_context: int) -> int:
+def activation_bytes(cfg: ModelConfig, shard, rank: int, max_context: int) -> int:
     """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
     c = PREFILL_CHUNK
     per_token = 6 * cfg.hidden_size + 3 * shard.ffn_size + shard.num_heads * (max_context + 3 * cfg.head_dim)

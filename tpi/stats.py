@@ -39,6 +39,7 @@ class RankStats:
     max_streamed_held: int  # the most window buffers ever holding or loading a block
     planned_bytes: int  # fixed + pinned + window buffers (+ a resident embedding's copy)
     fixed_bytes: int  # runtime, KV cache, activations
+    activation_bytes: int  # of fixed_bytes: the bound on one prefill chunk's temporaries
     needed_min_bytes: int  # the least budget that works
     block_bytes: int  # this rank's host blocks
     largest_block_bytes: int

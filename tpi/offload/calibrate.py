@@ -258,7 +258,7 @@ def tune_share(plan_at: Callable[[float], None], step: Callable[[], float], peer
 
 
 # -- the rows mode: the offload path timed on synthetic blocks ------------------------------------------
-def _synthetic_blocks(blocks: list[dict[str, tuple[int, int]]], dtype: torch.dtype, pin: bool,
+def synthetic_blocks(blocks: list[dict[str, tuple[int, int]]], dtype: torch.dtype, pin: bool,
                       min_bytes: int, max_copies: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Host blocks of these projection shapes, repeated until they hold `min_bytes` (more than the
     CPU's caches) or `max_copies` times (the model's layers: a small model's walk is as short as
@@ -317,7 +317,7 @@ def calibrate_rows(device: torch.device, dtype: torch.dtype, blocks: list[dict[s
     0.1, ..., 1, then at +-0.05 and +-0.025 around the best. Returns (the calibration: its
     fraction and ms per walk at each share timed; the bytes walked)."""
     device = torch.device(device)
-    host = _synthetic_blocks(blocks, dtype, device.type == "cuda", _past_caches() if min_bytes is None else min_bytes,
+    host = synthetic_blocks(blocks, dtype, device.type == "cuda", _past_caches() if min_bytes is None else min_bytes,
                              max_copies)
     ms: dict[float, float] = {}
 
