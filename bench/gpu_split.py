@@ -26,7 +26,7 @@ the CPU matmul in bf16 vs fp32; with --calibrate shows the rows mode's start-up 
 process, and with --profile times chosen settings in this process (world size 1) under
 torch.profiler. Prints a table and writes bench/out/gpu_split.md, .json and .png. Does not know:
 tpi's internals beyond LocalCluster, the offload's options and stats, and (for --calibrate and
---profile) open_rank_model, forward's block functions and offload.calibrate.
+--profile) open_rank.open_rank_model, forward's block functions and offload.calibrate.
 
 Two shapes of about 1.1B parameters (common.SHAPES): ``llama7b`` (default), 4 layers of
 Llama-2-7B's shape, where each block is hundreds of MB as in the models the offload is for, and
@@ -355,8 +355,8 @@ def profile_inproc(model: Path, cache: Path, args: argparse.Namespace, budget: i
 
     from tpi.comm.base import SingleRank
     from tpi.forward import logits, run_layers
+    from tpi.open_rank import open_rank_model
     from tpi.options import RankOptions, from_keywords
-    from tpi.rank_model import open_rank_model
     from tpi.weights import Manifest, split_cached
 
     torch.set_num_threads(args.cores)

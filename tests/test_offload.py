@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from tpi import ClusterError, LocalCluster, forward, rank_model
+from tpi import ClusterError, LocalCluster, forward, open_rank
 from tpi.comm.base import SingleRank
 from tpi.config import ModelConfig
 from tpi.inprocess import InProcessCluster
@@ -19,8 +19,9 @@ from tpi.offload.blocks import BlockOffload, divide_block
 from tpi.offload.calibrate import calibrate_rows, dispatch_seconds, measure_bandwidths
 from tpi.offload.offloader import Offloader
 from tpi.offload.plan import COPY_SLOTS, balance_share, copy_slot_bytes, place, plan_shares, search_share, share_bytes
+from tpi.open_rank import open_rank_model
 from tpi.peers import Peers
-from tpi.rank_model import RankModel, open_rank_model
+from tpi.rank_model import RankModel
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, split_cached
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
@@ -434,7 +435,7 @@ def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_
     ref = _rank_logits(plain, PROMPT)
     plain.close()
     model = _tunable(shard, manifest, 0)
-    rank_model._tune(model, Peers(None, 0))
+    open_rank._tune(model, Peers(None, 0))
     cal = model.calibration
     assert 13 <= len(cal.tuned_ms) <= 15 and model.offload.share == cal.fraction and cal.tune_s > 0
     assert model.sched.counters.loads == 0  # the timed steps are not counted as the rank's work
@@ -442,7 +443,7 @@ def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_
     model.close()
     monkeypatch.setattr(calibrate, "TUNE_MAX_S", 0.0)  # as if its blocks streamed from disk: too slow to tune
     model = _tunable(shard, manifest, 0)
-    rank_model._tune(model, Peers(None, 0))
+    open_rank._tune(model, Peers(None, 0))
     assert model.offload.share == 0.5 and model.calibration is None  # the offload as planned
     assert "keeping the share predicted from the rates" in capsys.readouterr().err
     assert_close(_rank_logits(model, PROMPT), ref, rel=1e-5)
@@ -452,7 +453,7 @@ def test_tuned_share_times_views_and_keeps_the_offload_exact(tiny_models, split_
     manifest = Manifest.load(shard)
     ranks = [_tunable(shard, manifest, r) for r in range(2)]
     peers = [Peers(tmp_path, r, 2, timeout=60) for r in range(2)]
-    threads = [threading.Thread(target=rank_model._tune, args=(m, p)) for m, p in zip(ranks, peers)]
+    threads = [threading.Thread(target=open_rank._tune, args=(m, p)) for m, p in zip(ranks, peers)]
     for t in threads:
         t.start()
     for t in threads:
@@ -534,7 +535,7 @@ def test_placement_takes_the_lm_head_chunks_first(tiny_models, split_cache):
     head_bytes = sum(b.nbytes for b in heads)
     largest = max(layers, key=lambda s: s.nbytes)
     budget = model.cache.nbytes + head_bytes + largest.nbytes  # the head and one layer block
-    placed = rank_model._load_on_gpu(torch.device("cpu"), heads, layers, budget, model.cache.nbytes, 0)
+    placed = open_rank._load_on_gpu(torch.device("cpu"), heads, layers, budget, model.cache.nbytes, 0)
     assert list(placed)[:len(heads)] == [b.key for b in heads] and list(placed)[len(heads)] == largest.key
     assert sum(sum(t.nbytes for t in w.values()) for w in placed.values()) <= budget - model.cache.nbytes
     assert [b.key for b in place(heads, layers, head_bytes + largest.nbytes)] == list(placed)

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from tpi.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeConfig
+from tpi.open_rank import open_rank_model
 from tpi.options import MemoryOptions, RankOptions
 from tpi.partition import make_plan
-from tpi.rank_model import RankModel, open_rank_model
+from tpi.rank_model import RankModel
 from tpi.safetensors_io import ShardFileError, read_header
 from tpi.scheduler import read_block
 from tpi.weights import Manifest, block_file, block_spec, load_block, split, verify_rank_files

@@ -19,8 +19,9 @@ from tpi.comm.base import Communicator, ControlPlane
 from tpi.comm.wire import Kind, Message
 from tpi.errors import TpiError
 from tpi.forward import logits, run_layers
+from tpi.open_rank import open_rank_model
 from tpi.options import RankOptions
-from tpi.rank_model import PREFILL_CHUNK, open_rank_model
+from tpi.rank_model import PREFILL_CHUNK
 from tpi.sampling import SamplingParams, sample
 from tpi.stats import RankStats
 from tpi.weights import Manifest

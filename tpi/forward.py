@@ -5,7 +5,7 @@ rank's attention partial, ``x = x + comm.all_reduce(partial)``, its FFN partial 
 allreduce; ``logits``, rank 0's final norm and LM head; and ``run_block``, which runs one block
 where its weights are: resident on the accelerator, from host memory on the CPU, or offloaded
 (the offload package copies it to the accelerator, or divides it with the CPU). Does not know:
-sockets (it gets a Communicator), how the weights got where they are (rank_model.py),
+sockets (it gets a Communicator), how the weights got where they are (open_rank.py),
 tokenizers, sampling.
 """
 

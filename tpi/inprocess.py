@@ -21,8 +21,9 @@ import torch
 from tpi.comm.base import Shutdown
 from tpi.comm.local import LocalGroup
 from tpi.engine import Engine
+from tpi.open_rank import open_rank_model
 from tpi.options import RankOptions, from_keywords
-from tpi.rank_model import RankModel, open_rank_model
+from tpi.rank_model import RankModel
 from tpi.sampling import SamplingParams
 from tpi.stats import RankStats
 from tpi.weights import Manifest, split_cached

@@ -8,7 +8,7 @@ Owns: the value sets of every named choice (``Collective``, ``PayloadName``, ``O
 and the groups above). The command line (launcher/cli.py), cluster configs (through the command
 lines launch.py writes) and ``LocalCluster``'s keywords all build these same objects, and every
 value is checked in ``__post_init__`` with an error that names it. Does not know: what the
-options do (rank_model.py, the offload package, comm/).
+options do (open_rank.py, the offload package, comm/).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from tpi.comm.wire import Kind
 from tpi.fetch import fetch_shards
 from tpi.forward import run_layers
 from tpi.kv_cache import CacheError
+from tpi.open_rank import open_rank_model
 from tpi.options import CommOptions, RankOptions
-from tpi.rank_model import RankModel, open_rank_model
+from tpi.rank_model import RankModel
 from tpi.weights import Manifest, cache_root
 
 log = logging.getLogger("tpi.worker")

@@ -29,30 +29,13 @@ from tpi.comm.links import Links
 from tpi.comm.membership import Members
 from tpi.comm.payload import parse
 from tpi.comm.security import secure_server
-from tpi.comm.star import HubStar
+from tpi.comm.star import HubStar, heartbeat_socket
 from tpi.comm.trace import CallTimer
 from tpi.comm.wire import Expect, Kind, Message, Tag, WireError, decode, encode
 from tpi.options import CommOptions
 from tpi.stats import Health, RankStats
 
 log = logging.getLogger("tpi.comm")
-HOT_WAIT_MS = 200  # the allreduce blocks in recv this long before it looks at disconnects and deadlines
-
-
-def heartbeat_socket(ctx: zmq.Context, kind: int, lost_timeout: float) -> zmq.Socket:
-    """A socket whose connections libzmq's own I/O thread keeps alive with ZMTP heartbeats: a peer
-    silent for `lost_timeout` seconds (dead, hung, unplugged) is disconnected, whatever Python is
-    busy with (a long step, a weight load)."""
-    s = ctx.socket(kind)
-    s.setsockopt(zmq.LINGER, 0)
-    ms = max(1, int(lost_timeout * 1000))
-    s.setsockopt(zmq.HEARTBEAT_IVL, max(1, ms // 4))
-    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
-    s.setsockopt(zmq.HEARTBEAT_TTL, ms)
-    s.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
-    return s
-
-
 class Hub:
     """Rank 0's side. `bind` may name port 0; `address` gives the port chosen."""
 

@@ -21,10 +21,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from tpi.comm import collectives, membership
 from tpi.comm.base import CommError, MasterLost, Shutdown, StepAborted
-from tpi.comm.hub import heartbeat_socket
 from tpi.comm.links import Links
 from tpi.comm.security import secure_client
-from tpi.comm.star import SpokeStar
+from tpi.comm.star import SpokeStar, heartbeat_socket
 from tpi.comm.trace import CallTimer
 from tpi.comm.wire import Expect, Kind, Message, Tag, WireError, decode, encode
 from tpi.options import CommOptions

@@ -6,8 +6,10 @@ worker) and a worker's side (``SpokeStar``: its partial out, the sum back into t
 A partial or a sum is checked by comparing its binary header with the exact bytes expected (kind,
 tag, dtype, shape: one comparison) and its frame's size, and the tensor is read where ZeroMQ put
 it; a float32 partial is sent from, and summed into, its own memory (``F32Views``). Anything else
-that arrives during the call goes to the end that owns the socket (hub.py, spoke.py), which
-decodes it in full. Does not know: who is a member (membership.py), control messages, the model.
+that arrives during the call goes to the end that owns the socket (hub.py, spoke.py: ``HubEnd``
+and ``SpokeEnd`` say what the star needs of them), which decodes it in full. Also the sockets both ends
+use (``heartbeat_socket``: heartbeats, and the receive timeout the hot path wakes up at). Does
+not know: who may be a member (membership.py), control messages, the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,16 +25,55 @@ import zmq
 
 from tpi.comm import wire
 from tpi.comm.base import CommError, Shutdown, StepAborted
+from tpi.comm.membership import Members
 from tpi.comm.payload import Payload
-from tpi.comm.wire import Kind, Tag
-
-if TYPE_CHECKING:
-    from tpi.comm.hub import Hub
-    from tpi.comm.spoke import Spoke
+from tpi.comm.wire import Kind, Message, Tag
 
 log = logging.getLogger("tpi.comm")
 RCVMORE, SNDMORE = int(zmq.RCVMORE), int(zmq.SNDMORE)  # plain ints: no enum arithmetic per call
 PARTIAL, REDUCED = int(Kind.PARTIAL), int(Kind.REDUCED)
+
+
+HOT_WAIT_MS = 200  # the allreduce blocks in recv this long before it looks at disconnects and deadlines
+
+
+def heartbeat_socket(ctx: zmq.Context, kind: int, lost_timeout: float) -> zmq.Socket:
+    """A socket whose connections libzmq's own I/O thread keeps alive with ZMTP heartbeats: a peer
+    silent for `lost_timeout` seconds (dead, hung, unplugged) is disconnected, whatever Python is
+    busy with (a long step, a weight load)."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    ms = max(1, int(lost_timeout * 1000))
+    s.setsockopt(zmq.HEARTBEAT_IVL, max(1, ms // 4))
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
+    s.setsockopt(zmq.HEARTBEAT_TTL, ms)
+    s.setsockopt(zmq.RCVTIMEO, HOT_WAIT_MS)  # only the allreduce's hot path blocks in recv
+    return s
+
+
+class HubEnd(Protocol):
+    """What the master's end of the star needs of the end that owns its socket (hub.py)."""
+    sock: zmq.Socket
+    members: Members
+    payload: Payload | None
+    world_size: int
+    step_timeout: float
+
+    def handle(self, frames: list | None, tag: Tag | None) -> dict[int, torch.Tensor]: ...
+
+    def refuse(self, what: str) -> None: ...
+
+
+class SpokeEnd(Protocol):
+    """What a worker's end of the star needs of the end that owns its socket (spoke.py)."""
+    sock: zmq.Socket
+    rank: int
+    payload: Payload | None
+    step_timeout: float
+
+    def recv(self, timeout: float, joined: bool = True) -> Message | None: ...
+
+    def decode(self, frames: list) -> Message | None: ...
 
 
 def bytes_of(t: torch.Tensor) -> np.ndarray:
@@ -100,7 +141,7 @@ def _to_wire(acc: torch.Tensor, payload: Payload | None, dtype: torch.dtype) -> 
 class HubStar:
     """The master's end of the star, on the hub's socket."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: HubEnd):
         self.hub = hub
         self._rx_store: dict[int, np.ndarray] = {}  # worker rank -> receive buffer for its partials
         self._rx: dict[int, np.ndarray] = {}
@@ -217,7 +258,7 @@ class HubStar:
 class SpokeStar:
     """A worker's end of the star, on the spoke's socket."""
 
-    def __init__(self, spoke: Spoke):
+    def __init__(self, spoke: SpokeEnd):
         self.spoke = spoke
         self._f32 = F32Views()  # a float32 partial is sent from, and its sum received into, its own memory
 

@@ -6,5 +6,5 @@ buffers), offloader.py (host blocks run from copies, projections divided by rows
 ``linear`` is what the model's math is handed), blocks.py (one rank's host blocks under the
 offload: divided blocks, prefetch), calibrate.py (what is measured and tuned at start). Model
 math never sees the offload except as the ``linear`` it is handed (layers.py); forward.py decides
-where each block runs, rank_model.py builds it all.
+where each block runs, open_rank.py builds it all.
 """
