@@ -92,7 +92,7 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(ids) + extra > self.max_context:
             raise RequestError(f"{len(ids)} prompt tokens + {extra} new tokens exceed the maximum context "
-                             f"of {self.max_context} tokens")
+                               f"of {self.max_context} tokens")
         return ids
 
     def _run(self, seq: int, step: int, start: int, ids: list[int], every_row: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from tpi.comm.base import Shutdown
 from tpi.comm.local import LocalGroup
+from tpi.config import ConfigError
 from tpi.engine import Engine
 from tpi.open_rank import open_rank_model
 from tpi.options import RankOptions, from_keywords
@@ -36,8 +37,12 @@ class InProcessCluster:
     def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
                  dtype: str = "float32", *, cache_dir: str | os.PathLike | None = None,
                  options: RankOptions | None = None, **keywords):
-        """`options` and `keywords` as LocalCluster's (tpi/options.py KEYWORDS)."""
+        """`options` and `keywords` as LocalCluster's (tpi/options.py KEYWORDS); the allreduce is the
+        in-process star's, so `collective` and `payload` keep their defaults."""
         self.rank_opts, self.comm = from_keywords(world_size, options, None, **keywords)
+        if self.comm.master_collective != "star" or self.comm.payload is not None:
+            raise ConfigError(f"collective={self.comm.collective!r}, payload={self.comm.payload!r}: an in-process "
+                              "cluster sums in float32 in rank order, as the star with the model's dtype does")
         self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
         self.cache_dir = cache_dir
         self.group: LocalGroup | None = None

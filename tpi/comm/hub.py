@@ -69,7 +69,7 @@ class Hub:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self._probe_until = 0.0  # after a disconnect, probe the workers until this time
-        self._stats: dict[int, dict] = {}
+        self._stats: dict[int, RankStats] = {}
         self.refused = 0
         self.expect = Expect(frozenset({Kind.HELLO, Kind.PARTIAL, Kind.ERROR, Kind.STATS_REPLY, Kind.GET_MANIFEST,
                                         Kind.GET_CHUNK, Kind.BYE, Kind.ECHO}), hidden, dtype, max_layer=num_layers)
