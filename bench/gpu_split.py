@@ -159,7 +159,8 @@ def describe(row: dict) -> str:
 
 def block_bytes(model: Path, cache: Path, world: int, dtype: str) -> list[int]:
     """Per rank, the bytes of its layer blocks (what the GPU budget is a third of)."""
-    from tpi.weights import Manifest, split_cached
+    from tpi.split import split_cached
+    from tpi.weights import Manifest
 
     shard = split_cached(model, world, None, dtype, cache, progress=False)
     files = Manifest.load(shard).raw["files"]
@@ -357,7 +358,8 @@ def profile_inproc(model: Path, cache: Path, args: argparse.Namespace, budget: i
     from tpi.forward import logits, run_layers
     from tpi.open_rank import open_rank_model
     from tpi.options import RankOptions, from_keywords
-    from tpi.weights import Manifest, split_cached
+    from tpi.split import split_cached
+    from tpi.weights import Manifest
 
     torch.set_num_threads(args.cores)
     shard = split_cached(model, 1, None, args.dtype, cache, progress=False)

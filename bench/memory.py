@@ -75,7 +75,7 @@ class LayerRun:
 def run_layer_count(model_dir: Path, cache_dir: Path, layers: int, args: argparse.Namespace) -> LayerRun:
     """Split, start the 8-rank cluster under the budget, generate, read the stats."""
     from tpi import LocalCluster
-    from tpi.weights import split_cached
+    from tpi.split import split_cached
 
     t0 = time.perf_counter()
     shard_dir = split_cached(model_dir, args.world_size, dtype="float16", cache_dir=cache_dir, progress=False)

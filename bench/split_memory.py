@@ -1,4 +1,4 @@
-"""Peak memory of `tpi.weights.split` on a checkpoint several times larger than the limit.
+"""Peak memory of `tpi.split.split` on a checkpoint several times larger than the limit.
 
 Writes a random-weight, Llama-shaped float32 checkpoint of about 3 GB under a temporary folder
 (common.write_llama: tensor by tensor, in shards of about 1 GB with a
@@ -34,7 +34,7 @@ SHAPE = SHAPES["llama850m"]  # hidden 2048, FFN 5632, 16 heads, 4 KV heads: 14 l
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from tpi.weights import split
+from tpi.split import split
 t1 = time.perf_counter()
 if sys.argv[3] != "none":
     split(sys.argv[1], sys.argv[2], int(sys.argv[4]), dtype=sys.argv[3], progress=False)

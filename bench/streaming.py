@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """The random checkpoint and its split (written back to the disk, so that it can be dropped)."""
-    from tpi.weights import split_cached
+    from tpi.split import split_cached
 
     t0 = time.perf_counter()
     model_dir = work / "model"

@@ -23,7 +23,8 @@ from common import OUT_DIR, drop_page_cache, rounds, table, write_report
 
 from tpi import LocalCluster
 from tpi.embedded import default_model_dir
-from tpi.weights import Manifest, split_cached, verify_rank_files
+from tpi.split import split_cached
+from tpi.weights import Manifest, verify_rank_files
 
 
 def time_verify(shard_dir: Path, manifest: Manifest, rank: int, checksums: bool, cold: bool, n: int) -> float:

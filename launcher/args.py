@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from tpi.options import Collective, DType, OffloadMode, PayloadName, choices
+from tpi.options import Collective, Compute, DType, OffloadMode, PayloadName, QuantName, choices
 
 
 class Formatter(argparse.HelpFormatter):
@@ -56,6 +56,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", help="each rank's share of every layer, rank 0 first, e.g. 2,1,1 or 0,1,1 "
                    "(default: equal); a rank with ratio 0 holds no share")
     p.add_argument("--dtype", default="float32", choices=choices(DType), help="the weights' dtype on every rank")
+    _add_quant(p)
+
+
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantized weights")
+    g.add_argument("--quant", choices=choices(QuantName), default="none",
+                   help="none: the checkpoint's own format (a folder's floats, a GGUF file's types); float: "
+                   "dequantized to --dtype; int8 / int4: a float checkpoint's projections quantized in groups")
+    g.add_argument("--group-size", type=int, default=32, help="input columns per scale with --quant int8/int4")
+    g.add_argument("--quant-head", action="store_true",
+                   help="quantize the embedding and LM head too (default: they stay in --dtype)")
 
 
 def _add_rank(p: argparse.ArgumentParser) -> None:
@@ -63,6 +74,9 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("each rank")
     g.add_argument("--threads", type=int, default=1, help="torch threads per rank process")
     g.add_argument("--max-context", type=int, help="KV cache length (default: min(model max, 4096))")
+    g.add_argument("--compute", choices=choices(Compute), help="on quantized weights: exact (float32 "
+                   "activations, as the dequantized weights give) or fast (bfloat16 through torch's int4 kernel; "
+                   "the default); every rank must use the same")
     g.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for a peer within a step")
     g.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for the cluster to form")
     g.add_argument("--lost-timeout", type=float, default=3.0,
@@ -120,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit when stdin closes (how `tpi launch` ties remote processes to itself)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("split", help="split a HF checkpoint into per-rank block files", formatter_class=Formatter)
-    p.add_argument("model_dir")
+    p = sub.add_parser("split", help="split a HF checkpoint folder or a .gguf file into per-rank block files",
+                       formatter_class=Formatter)
+    p.add_argument("model_dir", metavar="MODEL", help="a Hugging Face checkpoint folder or a .gguf file")
     p.add_argument("out_dir")
     p.add_argument("--world-size", type=int, required=True, help="ranks, the master included")
     p.add_argument("--ratios", help="per-rank shares, rank 0 first, e.g. 3,1,1 (default: equal)")
     p.add_argument("--dtype", default="float32", choices=choices(DType))
+    _add_quant(p)
 
     p = sub.add_parser("worker", help="run one worker rank that connects to a master", formatter_class=Formatter)
     p.add_argument("--master", required=True, help="the master's address, tcp://HOST:PORT")
@@ -169,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="split (cached), start master and workers on this machine, generate, stop",
                        formatter_class=Formatter)
-    p.add_argument("--model", help="a HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="a HF checkpoint folder or a .gguf file (default: the embedded "
+                   "SmolLM2-135M-Instruct)")
     _add_model(p)
     _add_generation(p)
     p.add_argument("--stats", action="store_true", help="print per-rank time and memory figures at the end")
@@ -178,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the master with an OpenAI-compatible HTTP API", formatter_class=Formatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    src.add_argument("--model", help="a HF checkpoint folder or a .gguf file (default: the embedded "
+                     "SmolLM2-135M-Instruct)")
     src.add_argument("--shards", help="a folder written by `tpi split` (instead of --model)")
     _add_model(p)
     g = p.add_argument_group("HTTP")

@@ -32,7 +32,14 @@ def rank_options(args):
     return RankOptions(args.threads, args.max_context,
                        MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all,
                                      args.verify_shards),
-                       OffloadOptions(args.device, args.gpu_memory_budget, args.offload_mode, args.offload_share))
+                       OffloadOptions(args.device, args.gpu_memory_budget, args.offload_mode, args.offload_share),
+                       compute=args.compute)
+
+
+def quant(args):
+    from tpi.split import Quant
+
+    return Quant.of(args.quant, args.group_size, args.quant_head)
 
 
 def comm_options(args, role: str, address: str | None = None):
@@ -117,11 +124,13 @@ def _print_timing(done: dict) -> None:
 
 
 def cmd_split(args) -> None:
-    from tpi.weights import split
+    from tpi.split import split
 
-    m = split(args.model_dir, args.out_dir, args.world_size, args.ratios, args.dtype)
+    m = split(args.model_dir, args.out_dir, args.world_size, args.ratios, args.dtype, progress=sys.stderr.isatty(),
+              quant=quant(args))
     total = sum(f["size"] for f in m["files"].values())
-    print(f"wrote {len(m['files'])} block files ({total / 1e6:.1f} MB) and manifest.json to {args.out_dir}")
+    fmt = m.get("quant", {}).get("format", m["dtype"])
+    print(f"wrote {len(m['files'])} block files ({total / 1e6:.1f} MB, {fmt}) and manifest.json to {args.out_dir}")
 
 
 def cmd_worker(args) -> None:
@@ -205,7 +214,9 @@ def cmd_run(args) -> None:
         raise ConfigError("tpi run needs --prompt TEXT")
     model = args.model or _embedded_model()
     t0 = time.perf_counter()
-    with LocalCluster(model, args.world_size, args.ratios, args.dtype, progress=True, options=rank_options(args),
+    q = quant(args)
+    with LocalCluster(model, args.world_size, args.ratios, args.dtype, quant=q.name, group_size=q.group_size,
+                      quant_head=q.head, progress=True, options=rank_options(args),
                       comm=comm_options(args, "run")) as cluster:
         print(f"{args.world_size} rank process(es) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         source = {"prompt": args.prompt} if args.raw else {"messages": _messages(args.system, args.prompt)}
@@ -228,7 +239,7 @@ def cmd_serve(args) -> None:
     serve(ServeOptions(model, args.shards, args.world_size, args.ratios, args.dtype, args.host, args.port,
                        args.wait_for_workers, args.bind, args.api_key, args.model_name, args.queue_size,
                        rank_options(args),
-                       comm_options(args, "master", args.bind if args.wait_for_workers else None)))
+                       comm_options(args, "master", args.bind if args.wait_for_workers else None), quant(args)))
 
 
 def cmd_chat(args) -> None:

@@ -17,7 +17,8 @@ from tpi.comm.files import CHUNK_BYTES, ShardServer
 from tpi.comm.hub import Hub
 from tpi.comm.wire import PROTOCOL_VERSION, Expect, Kind, Message, decode, encode
 from tpi.fetch import fetch_shards
-from tpi.weights import Manifest, split_cached
+from tpi.split import split_cached
+from tpi.weights import Manifest
 
 pytestmark = pytest.mark.cluster
 

@@ -28,7 +28,8 @@ import zmq
 
 from tpi import ClusterError, LocalCluster
 from tpi.comm.wire import HOT, HOT_CODES, HOT_MAGIC
-from tpi.weights import block_file, split_cached
+from tpi.split import split_cached
+from tpi.weights import block_file
 
 pytestmark = pytest.mark.cluster
 

@@ -22,7 +22,8 @@ from tpi.offload.plan import COPY_SLOTS, balance_share, copy_slot_bytes, place, 
 from tpi.open_rank import open_rank_model
 from tpi.peers import Peers
 from tpi.rank_model import RankModel
-from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, split_cached
+from tpi.split import split_cached
+from tpi.weights import Manifest, block_spec, head_specs, rank_blocks
 
 PROMPT = [3, 17, 42, 99, 7, 250, 128, 64, 5, 11]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -26,7 +26,8 @@ from tpi.partition import make_plan
 from tpi.rank_model import RankModel
 from tpi.safetensors_io import ShardFileError, read_header
 from tpi.scheduler import read_block
-from tpi.weights import Manifest, block_file, block_spec, load_block, split, verify_rank_files
+from tpi.split import split
+from tpi.weights import Manifest, block_file, block_spec, load_block, verify_rank_files
 
 pytestmark = pytest.mark.unit
 

@@ -26,8 +26,8 @@ from tpi.comm.security import Curve, KeyPair
 from tpi.errors import TpiError
 from tpi.master import MasterOptions, master_process, report_errors
 from tpi.options import CommOptions, RankOptions, from_keywords
+from tpi.split import Quant, split_cached
 from tpi.stats import Health, RankStats
-from tpi.weights import split_cached
 from tpi.worker import WorkerOptions, worker_process
 
 
@@ -104,12 +104,18 @@ class RankProcesses:
 class LocalCluster:
     """Every rank of a cluster as its own process on this machine; the caller drives the master."""
 
-    def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
-                 dtype: str = "float32", *, cache_dir: str | os.PathLike | None = None, progress: bool = False,
+    def __init__(self, model: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
+                 dtype: str = "float32", *, quant: str | None = None, group_size: int = 32, quant_head: bool = False,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False,
                  worker_cache_dir: str | os.PathLike | None = None, curve: bool = False,
                  options: RankOptions | None = None, comm: CommOptions | None = None, **keywords):
-        """`options` and `comm`: every rank's options (tpi/options.py); `keywords` set single fields of
-        them (options.KEYWORDS): threads, max_context, memory_budget (one for every rank, or a list
+        """`model`: a Hugging Face folder or a .gguf file. `quant`: the weights' format: None keeps the
+        checkpoint's (a folder's floats, a GGUF file's types), "float" dequantizes to `dtype`, "int8"
+        or "int4" quantize a float checkpoint's projections in groups of `group_size` input columns
+        (the embedding and LM head too with `quant_head`); `compute` ("exact" or "fast", the default)
+        is how quantized weights are multiplied. `options` and `comm`: every rank's options
+        (tpi/options.py); `keywords` set single fields of them (options.KEYWORDS): threads,
+        max_context, compute, memory_budget (one for every rank, or a list
         with one per rank), window, drop_page_cache, stream_all, verify_shards, device,
         gpu_memory_budget, offload_mode, offload_share, offload_tune, offload_prefetch, collective
         (star, ring, tree, gloo or auto), payload (float32, float16, bfloat16, q8 or q8_64; None: the
@@ -124,7 +130,8 @@ class LocalCluster:
                                "with curve")
         self.worker_cache_dir = worker_cache_dir
         self._keys = [KeyPair.generate() for _ in range(world_size)] if curve else None
-        self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
+        self.model_dir, self.world_size, self.ratios, self.dtype = Path(model), world_size, ratios, dtype
+        self.quant = Quant.of(quant, group_size, quant_head)
         self.cache_dir, self.progress = cache_dir, progress
         self.shard_dir: Path | None = None
         self.ranks: RankProcesses | None = None
@@ -154,7 +161,7 @@ class LocalCluster:
 
     def _start(self) -> None:
         self.shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype,
-                                      self.cache_dir, self.progress)
+                                      self.cache_dir, self.progress, self.quant)
         self.ranks = RankProcesses()
         if self.world_size > 1:  # ranks that measure the CPU/GPU offload do it together: they share this host
             self.rank_opts = [dataclasses.replace(o, peers=(self.ranks.err_dir, self.world_size))

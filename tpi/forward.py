@@ -19,7 +19,7 @@ import torch
 
 from tpi.comm.base import Communicator
 from tpi.comm.wire import Phase, Tag
-from tpi.layers import attention_partial, dense, ffn_partial, lm_head, rms_norm
+from tpi.layers import attention_partial, ffn_partial, lm_head, rms_norm
 
 if TYPE_CHECKING:
     from tpi.rank_model import RankModel
@@ -38,7 +38,7 @@ def attention(model: RankModel, layer: int, x: torch.Tensor, seq: int, start: in
     """This rank's attention partial of `layer` [L, D]."""
     cache, window = model.cache.layer(seq, layer), model.cfg.sliding_windows[layer]
 
-    def run(x: torch.Tensor, w, linear=dense) -> torch.Tensor:
+    def run(x: torch.Tensor, w, linear=model.linear) -> torch.Tensor:
         return attention_partial(x, w, cache, start, model.cfg, model.rope(start, x), window, linear)
 
     return run_block(model, (layer, "attn"), x, run)
@@ -46,7 +46,7 @@ def attention(model: RankModel, layer: int, x: torch.Tensor, seq: int, start: in
 
 def mlp(model: RankModel, layer: int, x: torch.Tensor) -> torch.Tensor:
     """This rank's FFN partial of `layer` [L, D]."""
-    return run_block(model, (layer, "ffn"), x, lambda x, w, linear=dense: ffn_partial(x, w, model.cfg, linear))
+    return run_block(model, (layer, "ffn"), x, lambda x, w, linear=model.linear: ffn_partial(x, w, model.cfg, linear))
 
 
 def logits(model: RankModel, h: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,11 @@ def logits(model: RankModel, h: torch.Tensor) -> torch.Tensor:
     on_gpu = []
     if resident:  # queued first: the accelerator computes them while the host's chunks go by
         hd = hn.to(model.device)
-        on_gpu = [(a, b, lm_head(hd, w)) for a, b, w in resident]
+        on_gpu = [(a, b, lm_head(hd, w, model.linear)) for a, b, w in resident]
+    head = lambda x, w, linear=model.linear: lm_head(x, w, linear)  # noqa: E731
     for key, a, b in model.head.chunks:
         if key not in model.gpu_blocks:
-            out[:, a:b] = run_block(model, key, hn, lm_head, join=lambda c, y: torch.cat([c, y], dim=1))
+            out[:, a:b] = run_block(model, key, hn, head, join=lambda c, y: torch.cat([c, y], dim=1))
     for a, b, y in on_gpu:
         out[:, a:b] = y.cpu()
     return out
@@ -69,8 +70,9 @@ def logits(model: RankModel, h: torch.Tensor) -> torch.Tensor:
 def run_block(model: RankModel, key: tuple, x: torch.Tensor, run: Callable, join: Callable = torch.add
               ) -> torch.Tensor:
     """Block `key` on x, where its weights are; x and the result on the CPU. `run(x, w, linear)`
-    is the block's math; `join` puts an offloaded block's two parts together (added for a layer
-    block's partial sums, side by side for an LM-head chunk's rows)."""
+    is the block's math (its `linear` defaults to the model's: dense, or quantized); `join` puts
+    an offloaded block's two parts together (added for a layer block's partial sums, side by side
+    for an LM-head chunk's rows)."""
     if key in model.gpu_blocks:
         return run(x.to(model.device), model.gpu_blocks[key]).to(x.device)
     i = model.index.get(key)

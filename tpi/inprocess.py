@@ -26,24 +26,27 @@ from tpi.open_rank import open_rank_model
 from tpi.options import RankOptions, from_keywords
 from tpi.rank_model import RankModel
 from tpi.sampling import SamplingParams
+from tpi.split import Quant, split_cached
 from tpi.stats import RankStats
-from tpi.weights import Manifest, split_cached
+from tpi.weights import Manifest
 from tpi.worker import serve_one
 
 
 class InProcessCluster:
     """`world_size` ranks of `model_dir` as threads of this process; `start`, then use, then `close`."""
 
-    def __init__(self, model_dir: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
-                 dtype: str = "float32", *, cache_dir: str | os.PathLike | None = None,
-                 options: RankOptions | None = None, **keywords):
-        """`options` and `keywords` as LocalCluster's (tpi/options.py KEYWORDS); the allreduce is the
-        in-process star's, so `collective` and `payload` keep their defaults."""
+    def __init__(self, model: str | os.PathLike, world_size: int = 1, ratios: Sequence[float] | str | None = None,
+                 dtype: str = "float32", *, quant: str | None = None, group_size: int = 32, quant_head: bool = False,
+                 cache_dir: str | os.PathLike | None = None, options: RankOptions | None = None, **keywords):
+        """`model`, `quant`, `group_size`, `quant_head`, `options` and `keywords` as LocalCluster's
+        (tpi/options.py KEYWORDS); the allreduce is the in-process star's, so `collective` and
+        `payload` keep their defaults."""
         self.rank_opts, self.comm = from_keywords(world_size, options, None, **keywords)
         if self.comm.master_collective != "star" or self.comm.payload is not None:
             raise ConfigError(f"collective={self.comm.collective!r}, payload={self.comm.payload!r}: an in-process "
                               "cluster sums in float32 in rank order, as the star with the model's dtype does")
-        self.model_dir, self.world_size, self.ratios, self.dtype = Path(model_dir), world_size, ratios, dtype
+        self.model_dir, self.world_size, self.ratios, self.dtype = Path(model), world_size, ratios, dtype
+        self.quant = Quant.of(quant, group_size, quant_head)
         self.cache_dir = cache_dir
         self.group: LocalGroup | None = None
         self.engine: Engine | None = None
@@ -60,7 +63,7 @@ class InProcessCluster:
     def start(self) -> InProcessCluster:
         try:
             shard_dir = split_cached(self.model_dir, self.world_size, self.ratios, self.dtype, self.cache_dir,
-                                     progress=False)
+                                     progress=False, quant=self.quant)
             manifest = Manifest.load(shard_dir)
             self.group = LocalGroup(self.world_size, self.comm.step_timeout)
             self.workers = [open_rank_model(shard_dir, manifest, r, self.rank_opts[r])

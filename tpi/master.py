@@ -26,6 +26,7 @@ from tpi.comm.files import ShardServer
 from tpi.comm.hub import Hub
 from tpi.engine import Engine, GenerationResult, RequestError
 from tpi.errors import TpiError
+from tpi.open_rank import compute_mode
 from tpi.options import CommOptions, RankOptions
 from tpi.sampling import SamplingParams
 from tpi.weights import Manifest
@@ -52,7 +53,7 @@ class MasterNode:
         cfg, world = self.manifest.config, self.manifest.plan.world_size
         self.comm = SingleRank() if world == 1 else Hub(
             opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers, opts.comm,
-            files=ShardServer(opts.shard_dir, self.manifest))
+            files=ShardServer(opts.shard_dir, self.manifest), compute=compute_mode(self.manifest, opts.rank_opts))
         self.address = self.comm.address
         self.engine: Engine | None = None
 

@@ -19,12 +19,13 @@ from tpi import forward
 from tpi.comm.base import SingleRank
 from tpi.config import ConfigError, ModelConfig, parse_bytes
 from tpi.kv_cache import KVCache
-from tpi.layers import Weights
+from tpi.layers import Weights, dense
 from tpi.offload.blocks import BlockOffload
 from tpi.offload.calibrate import Calibration, calibrate_rows, predict_share, tune_share
 from tpi.offload.plan import COPY_SLOTS, copy_slot_bytes, is_projection, place
 from tpi.options import RankOptions
 from tpi.peers import Peers
+from tpi.quant.kernels import QuantLinear, transient_bytes
 from tpi.rank_model import PREFILL_CHUNK, Head, RankModel, default_max_context
 from tpi.safetensors_io import read_rows
 from tpi.scheduler import Counters, WeightScheduler, plan_residency, read_block
@@ -41,6 +42,11 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
     opts = opts or RankOptions()
     verify_rank_files(shard_dir, manifest, rank, checksums=opts.memory.verify_shards)  # before any read
     cfg, mem, off = manifest.config, opts.memory, opts.offload
+    linear = QuantLinear(compute_mode(manifest, opts)) if manifest.quantized else dense
+    if manifest.quantized and off.share is not None:
+        raise ConfigError(f"offload_share={off.share!r}: the CPU/GPU offload divides float weights; this split is "
+                          f"quantized ({manifest.quant['format']}): its blocks that fit the GPU budget run there, "
+                          "the others on the CPU. Leave offload_share unset")
     runtime = psutil.Process().memory_info().rss
     device = _device(off.device)
     shard = manifest.plan.shards[rank]
@@ -50,8 +56,9 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
               for layer, kind in rank_blocks(cfg, manifest.plan, rank) if kind != "head"]
     folder, n = opts.peers or (None, 1)
     peers = Peers(folder, rank, n, MEET_TIMEOUT)  # the ranks of this machine, meeting to measure the offload
-    measure = off.mode == "blocks" and off.share is None and device.type == "cuda"  # once placed
-    calibration = None if measure else _rows_calibration(off, device, manifest.dtype, layers, cfg, opts.threads, peers)
+    measure = off.mode == "blocks" and off.share is None and device.type == "cuda" and not manifest.quantized
+    calibration = None if measure or manifest.quantized else \
+        _rows_calibration(off, device, manifest.dtype, layers, cfg, opts.threads, peers)
     share = off.share if calibration is None else calibration.fraction
     # any block may end up on the host; the blocks mode copies whole projections (or their columns)
     slot, small = (0, 0) if share is None and not measure else \
@@ -79,6 +86,9 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
             share = calibration.fraction if calibration is not None else 1.0
         host_kv = cache.nbytes + (COPY_SLOTS * slot if share is not None else 0) if device.type == "cpu" else 0
         activations = activation_bytes(cfg, shard, rank, max_context)
+        if isinstance(linear, QuantLinear):  # the largest dequantized or repacked projection of one call
+            activations += transient_bytes(((t.name, t.dtype, t.shape) for s in host for t in s.tensors),
+                                           linear.compute)
         fixed = runtime + host_kv + activations
         budget = mem.budget_bytes
         if mem.stream_all:
@@ -87,13 +97,17 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
         sched = WeightScheduler(host, residency, mem.drop_page_cache, opts.threads,
                                 pin_memory=device.type == "cuda").start()
         stack.callback(sched.close)
+        if isinstance(linear, QuantLinear):
+            for i in sched.res.pinned:
+                linear.prepare(sched.pinned(i))
         tune = measure and off.tune  # every rank of the machine tunes: they meet at every timed step
         offload = None
         if share is not None:
             offload = BlockOffload(sched, device, off.mode, share, slot, opts.threads, off.prefetch, exact=not tune)
             stack.callback(offload.close)
         model = RankModel(cfg, rank, manifest.dtype, max_context, device, cache, sched, gpu_blocks, offload, head,
-                          fixed, activations, calibration)
+                          fixed, activations, calibration, linear, _weight_bytes(manifest, layers, chunks, head),
+                          _weight_format(manifest, linear))
         if head is not None:
             head.table = _resident_embedding(model, budget)
         if tune:
@@ -147,19 +161,44 @@ def activation_bytes(cfg: ModelConfig, shard, rank: int, max_context: int) -> in
     return 4 * c * (per_token + head)
 
 
-def _resident_embedding(model: RankModel, budget: int | None) -> list[tuple[int, int, torch.Tensor]] | None:
-    """The embedding table as (first row, end row, rows) pieces, if it may stay in memory: the
-    resident LM-head chunks themselves when the embeddings are tied, else a copy when the budget
-    holds it on top of everything else. None: rows are read from disk as needed."""
+def _resident_embedding(model: RankModel, budget: int | None) -> list[tuple[int, int, Weights]] | None:
+    """The embedding table as (first row, end row, "lm_head.*" tensors) pieces, if it may stay in
+    memory: the resident LM-head chunks themselves when the embeddings are tied (unless their codes
+    went into the int4 kernel's form), else a copy when the budget holds it on top of everything
+    else. None: rows are read from disk as needed."""
     if model.sched.res.window != 0:  # something streams: no room to keep the table
         return None
     head = model.head
     if model.cfg.tie_word_embeddings:  # a chunk on the GPU gives its rows from there
-        return [(a, b, (model.gpu_blocks.get(key) or model.sched.pinned(model.index[key]))["lm_head.weight"])
-                for key, a, b in head.chunks]
-    if budget is None or model.sched.res.planned_bytes + head.embed.nbytes <= budget:
-        return [(0, head.embed.shape[0], read_rows(head.fd, head.embed, 0, head.embed.shape[0]))]
+        table = [(a, b, model.gpu_blocks.get(key) or model.sched.pinned(model.index[key])) for key, a, b in head.chunks]
+        return table if all("lm_head.weight" in w or "lm_head.qweight" in w for _, _, w in table) else None
+    nbytes = sum(info.nbytes for info in head.embed.values())
+    if budget is None or model.sched.res.planned_bytes + nbytes <= budget:
+        rows = next(iter(head.embed.values())).shape[0]
+        return [(0, rows, {f"lm_head.{part}": read_rows(head.fd, info, 0, rows) for part, info in head.embed.items()})]
     return None
+
+
+def compute_mode(manifest: Manifest, opts: RankOptions) -> str:
+    """How this rank computes: "exact" or "fast" on a quantized split (fast unless asked), "" on floats."""
+    return (opts.compute or "fast") if manifest.quantized else ""
+
+
+def _weight_bytes(manifest: Manifest, layers: list, chunks: list, head: Head | None) -> int:
+    """The weights this rank holds or streams, as stored: its layer blocks, and on rank 0 the LM
+    head, the final norm and an untied embedding table."""
+    total = sum(s.nbytes for s in layers) + sum(s.nbytes for s, _, _ in chunks)
+    if head is not None:
+        total += head.norm.nbytes
+        if not manifest.config.tie_word_embeddings:
+            total += sum(info.nbytes for info in head.embed.values())
+    return total
+
+
+def _weight_format(manifest: Manifest, linear) -> str:
+    if not manifest.quantized:
+        return ""
+    return f"{manifest.quant['format']}/{linear.compute}"
 
 
 def _tune(model: RankModel, peers: Peers) -> None:

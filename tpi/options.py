@@ -4,10 +4,11 @@ Owns: the value sets of every named choice (``Collective``, ``PayloadName``, ``O
 ``DType``: ``Literal`` types whose values argparse's ``choices`` and pydantic both read, through
 ``choices``), and the four option groups: ``MemoryOptions`` (budget, window, streaming),
 ``OffloadOptions`` (a GPU's budget and the CPU/GPU offload of the blocks it cannot hold),
-``CommOptions`` (collective, payload, timeouts, CURVE keys) and ``RankOptions`` (threads, context
-and the groups above). The command line (launcher/cli.py), cluster configs (through the command
-lines launch.py writes) and ``LocalCluster``'s keywords all build these same objects, and every
-value is checked in ``__post_init__`` with an error that names it. Does not know: what the
+``CommOptions`` (collective, payload, timeouts, CURVE keys) and ``RankOptions`` (threads, context,
+the compute mode on quantized weights and the groups above). The command line (launcher/cli.py),
+cluster configs (through the command lines launch.py writes) and ``LocalCluster``'s keywords all
+build these same objects, and every value is checked in ``__post_init__`` with an error that
+names it. Does not know: what the
 options do (open_rank.py, the offload package, comm/).
 """
 
@@ -22,11 +23,13 @@ from typing import Literal, get_args
 
 from tpi.comm.security import Curve
 from tpi.config import ConfigError, parse_bytes
+from tpi.quant.kernels import Compute
 
 Collective = Literal["star", "ring", "tree", "gloo", "auto"]
 PayloadName = Literal["float32", "float16", "bfloat16", "q8", "q8_64"]
 OffloadMode = Literal["blocks", "rows"]
 DType = Literal["float32", "bfloat16", "float16"]
+QuantName = Literal["none", "float", "int8", "int4"]  # the CLI's --quant: "none" keeps the checkpoint's format
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
@@ -133,17 +136,22 @@ class RankOptions:
     # (folder, n): the n ranks of this machine (LocalCluster's) meet there to measure the offload
     # at the same time, each seeing the others' load; None: measure alone
     peers: tuple[str, int] | None = None
+    # quantized weights: "exact" (float32 activations, results as the dequantized weights give) or
+    # "fast" (bfloat16 activations through torch's int4 kernel); None: fast. Float weights ignore it
+    compute: Compute | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or not 1 <= self.threads <= 1024:
             raise ConfigError(f"threads={self.threads!r}: expected an integer from 1 to 1024")
+        if self.compute is not None:
+            check_choice(self.compute, Compute, "compute")
         if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 1):
             raise ConfigError(f"max_context={self.max_context!r}: expected an integer >= 1")
 
 
 # LocalCluster's keywords: each sets one field of one option group
 KEYWORDS = {
-    "threads": ("rank", "threads"), "max_context": ("rank", "max_context"),
+    "threads": ("rank", "threads"), "max_context": ("rank", "max_context"), "compute": ("rank", "compute"),
     "memory_budget": ("memory", "memory_budget"), "window": ("memory", "window"),
     "drop_page_cache": ("memory", "drop_page_cache"), "stream_all": ("memory", "stream_all"),
     "verify_shards": ("memory", "verify_shards"),

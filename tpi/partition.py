@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from tpi.config import ConfigError, ModelConfig
 
 
-def make_plan(cfg: ModelConfig, world_size: int, ratios: Sequence[float] | str | None = None) -> ShardPlan:
-    """Per-rank KV-head, query-head and FFN-column ranges for `world_size` ranks (master included)."""
+def make_plan(cfg: ModelConfig, world_size: int, ratios: Sequence[float] | str | None = None,
+              ffn_unit: int = 1) -> ShardPlan:
+    """Per-rank KV-head, query-head and FFN-column ranges for `world_size` ranks (master included).
+    FFN columns go in whole units of `ffn_unit` (a quantized split's group size: the down
+    projection's column slices never cut a group)."""
     r = parse_ratios(ratios, world_size)
     kv_sizes = apportion(cfg.num_kv_heads, r, "KV heads")
-    ffn_sizes = apportion(cfg.intermediate_size, r, "FFN columns")
+    if cfg.intermediate_size % ffn_unit:
+        raise ConfigError(f"intermediate_size={cfg.intermediate_size} is not a multiple of the group size "
+                          f"{ffn_unit}: the FFN cannot be split in whole groups; choose a group size that divides it")
+    ffn_sizes = [n * ffn_unit for n in apportion(cfg.intermediate_size // ffn_unit, r, f"FFN groups of {ffn_unit}")]
     g = cfg.group_size
     shards = tuple(
         RankShard(rank, kv, (kv[0] * g, kv[1] * g), ffn)

@@ -18,9 +18,10 @@ import torch
 
 from tpi.config import ModelConfig
 from tpi.kv_cache import KVCache
-from tpi.layers import Weights, rope_cos_sin, rope_inv_freq
+from tpi.layers import Linear, Weights, dense, rope_cos_sin, rope_inv_freq
 from tpi.offload.blocks import BlockOffload
 from tpi.offload.calibrate import Calibration
+from tpi.quant.formats import dequantize, from_block
 from tpi.safetensors_io import TensorInfo, pread_into
 from tpi.scheduler import WeightScheduler
 from tpi.stats import RankStats
@@ -32,13 +33,14 @@ MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine befor
 
 @dataclass
 class Head:
-    """Rank 0's head file: the embedding's place in it, the final norm, and the LM head's row
-    chunks as blocks (key, first row, end row)."""
+    """Rank 0's head file: the embedding's tensors in it ({"weight"}, or a quantized table's
+    {"qweight", "scales"(, "mins")}), the final norm, and the LM head's row chunks as blocks (key,
+    first row, end row)."""
     fd: int
-    embed: TensorInfo
+    embed: dict[str, TensorInfo]
     norm: torch.Tensor
     chunks: list[tuple[tuple, int, int]]
-    table: list[tuple[int, int, torch.Tensor]] | None = None  # resident embedding rows (first, end, rows)
+    table: list[tuple[int, int, Weights]] | None = None  # resident embedding rows: (first, end, "lm_head.*")
 
 
 @dataclass
@@ -59,6 +61,9 @@ class RankModel:
     fixed_bytes: int  # what the budget keeps for the runtime, the KV cache and activations
     activation_bytes: int  # of fixed_bytes: the bound on one prefill chunk's temporaries
     calibration: Calibration | None = None  # what was measured at start for the offload
+    linear: Linear = dense  # the projections' matmul: dense, or a QuantLinear for a quantized split
+    weight_bytes: int = 0  # bytes of weights this rank holds or streams (as stored: quantized or not)
+    weight_format: str = ""  # "int4/fast", "gguf/exact", ...; "": floats
     busy_s: float = 0.0  # time inside steps: compute + waiting for weights + allreduce
     steps: int = 0
     fetched_bytes: int = 0  # shard bytes this worker downloaded from the master at start
@@ -91,15 +96,19 @@ class RankModel:
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """Embedding rows for `ids` [L] -> [L, D] (rank 0): from memory when the table is resident,
-        else read row by row from the head file (no full table in memory under a small budget)."""
+        else read row by row from the head file (no full table in memory under a small budget);
+        a quantized table's rows are dequantized."""
         head = self.head
         if head.table is not None:
-            return torch.stack([next(t[i - a] for a, b, t in head.table if a <= i < b).cpu() for i in ids])
-        out = torch.empty((len(ids), head.embed.shape[1]), dtype=head.embed.dtype)
-        for row, token in enumerate(ids):
-            pread_into(head.fd, out[row], head.embed.start + token * head.embed.row_bytes)
-        self.sched.counters.bytes_read += len(ids) * head.embed.row_bytes
-        return out.to(self.dtype)
+            rows = [_row(w, i - a) for i in ids for a, b, w in head.table if a <= i < b]
+            return torch.cat(rows).cpu().to(self.dtype)
+        w = {}
+        for part, info in head.embed.items():
+            out = w[f"lm_head.{part}"] = torch.empty((len(ids), *info.shape[1:]), dtype=info.dtype)
+            for row, token in enumerate(ids):
+                pread_into(head.fd, out[row], info.start + token * info.row_bytes)
+            self.sched.counters.bytes_read += len(ids) * info.row_bytes
+        return torch.cat([_row(w, i) for i in range(len(ids))]).to(self.dtype)
 
     def stats(self, allreduce_s: float = 0.0, allreduce_calls: int = 0, refused: int = 0) -> RankStats:
         """Counters since start; the communicator's figures are given by its owner."""
@@ -120,13 +129,21 @@ class RankModel:
             offload_gpu_share=off.gpu_share() if off else 0.0, offload_slot_bytes=off.nbytes if off else 0,
             offload_host_s=cal.host_s, offload_head_wait_s=cal.head_wait_s, offload_cpu_Bps=cal.cpu_Bps,
             offload_copy_Bps=cal.copy_Bps, offload_predicted=cal.predicted, offload_tune_s=cal.tune_s,
-            offload_step_s=cal.step_s, **{f"offload_{k}": v for k, v in counters.items()})
+            offload_step_s=cal.step_s, weight_bytes=self.weight_bytes, weight_format=self.weight_format,
+            **{f"offload_{k}": v for k, v in counters.items()})
 
     def _embedding_copy_bytes(self) -> int:
         """Bytes of an embedding table kept beside the blocks (tied tables share the LM head's)."""
         if self.head is None or self.head.table is None or self.cfg.tie_word_embeddings:
             return 0
-        return sum(t.nbytes for _, _, t in self.head.table)
+        return sum(t.nbytes for _, _, w in self.head.table for t in w.values())
+
+
+def _row(w: Weights, i: int) -> torch.Tensor:
+    """Row i of an LM-head chunk's (or embedding table's) weight, as floats [1, D]."""
+    if "lm_head.weight" in w:
+        return w["lm_head.weight"][i:i + 1]
+    return dequantize(from_block(w, "lm_head").rows(i, i + 1))
 
 
 def peak_rss_bytes() -> int:

@@ -21,7 +21,7 @@ from tpi.cluster import RankProcesses
 from tpi.master import MasterNode, MasterOptions
 from tpi.options import CommOptions, RankOptions
 from tpi.serving import EngineThread
-from tpi.weights import split_cached
+from tpi.split import Quant, split_cached
 from tpi.worker import WorkerOptions
 
 log = logging.getLogger("tpi.serve")
@@ -29,7 +29,7 @@ log = logging.getLogger("tpi.serve")
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = None  # a HF checkpoint folder, split here (cached)
+    model: str | None = None  # a HF checkpoint folder or a .gguf file, split here (cached)
     shards: str | None = None  # or a folder written by `tpi split`
     world_size: int = 1
     ratios: str | None = None
@@ -43,6 +43,7 @@ class ServeOptions:
     queue_size: int = 16
     rank_opts: RankOptions = field(default_factory=RankOptions)  # every rank's, the master's included
     comm: CommOptions = field(default_factory=CommOptions)  # its curve: with wait_for_workers only
+    quant: Quant = field(default_factory=Quant)  # the split's weight format (with `model`)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -60,7 +61,8 @@ def serve(opts: ServeOptions) -> None:
 
     from tpi.server import create_app
 
-    shard_dir = opts.shards or str(split_cached(opts.model, opts.world_size, opts.ratios, opts.dtype))
+    shard_dir = opts.shards or str(split_cached(opts.model, opts.world_size, opts.ratios, opts.dtype,
+                                                quant=opts.quant))
     bind = opts.bind if opts.wait_for_workers else "tcp://127.0.0.1:0"
     comm = opts.comm if opts.wait_for_workers else dataclasses.replace(opts.comm, curve=None)
     node = MasterNode(MasterOptions(shard_dir, bind, opts.rank_opts, comm))

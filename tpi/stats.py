@@ -47,6 +47,8 @@ class RankStats:
     device: str = "cpu"
     gpu_blocks: int = 0  # blocks resident on the accelerator
     fetched_bytes: int = 0  # shard bytes this worker downloaded from the master at start
+    weight_bytes: int = 0  # weights this rank holds or streams, as stored (quantized or not)
+    weight_format: str = ""  # "int8", "int4", "gguf" (and the compute mode: "int4/fast"); "": floats
     refused_messages: int = 0  # on the master: hostile or malformed input refused
     offload_mode: str = ""  # "blocks" or "rows"; "": no offload
     offload_share: float = 0.0  # the accelerator's share of the host blocks (as configured or chosen)

@@ -1,21 +1,20 @@
-"""Checkpoints in, per-rank block files out: reading a HF checkpoint and splitting it for a plan.
+"""A split's layout and one rank's files: what each block holds, the manifest, the checks at start.
 
-Owns: finding a checkpoint's tensors (single ``model.safetensors`` or an index of shards), refusing
-pickled checkpoints, writing one safetensors file per (rank, layer, block) plus the master's head
-file and a ``manifest.json`` (config, plan, each file's size and sha256), the split cache,
-checking one rank's files at start (sizes, sha256, headers against the config and plan), and
-reading one rank's block back. Never holds a whole tensor of the source: rows are read by byte range
-in bounded chunks and written as they go. Does not know: the network, generation, transformers.
+Owns: the layout every split has (``block_file``: one safetensors file per rank, layer and block,
+and the master's head file; ``block_slices``: which rows or columns of which checkpoint tensor each
+block holds; ``rank_blocks``; the one rank that adds a row-parallel bias), the ``Manifest`` (config,
+plan, dtype, the quantized format if any, each file's size and sha256) and its validation,
+checking one rank's files at start (sizes, sha256, headers against the config, the plan and the
+format: a lying header is refused before any read), where each block's tensors lie in its file
+(``block_spec``, ``head_specs``) and reading one back. Does not know: how splits are written
+(split.py), the network, generation, transformers.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,16 +22,15 @@ from typing import Literal
 import torch
 
 from tpi.config import ConfigError, ModelConfig
-from tpi.partition import ShardPlan, make_plan
-from tpi.safetensors_io import NAMES, ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows
+from tpi.partition import ShardPlan
+from tpi.quant.formats import SUFFIXES, check_shapes
+from tpi.safetensors_io import NAMES, ShardFileError, TensorInfo, read_header
 from tpi.scheduler import BlockSpec, TensorRange, read_block
 
 SPLIT_FORMAT = 1
-CHUNK_BYTES = 32 * 1024 * 1024
 DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BlockKind = Literal["attn", "ffn", "head"]
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLED
+QUANT_FORMATS = ("int8", "int4", "gguf")  # a manifest's "quant": tpi's own, or a GGUF file's types kept
 
 
 def block_file(rank: int, layer: int | None, kind: BlockKind) -> str:
@@ -40,52 +38,6 @@ def block_file(rank: int, layer: int | None, kind: BlockKind) -> str:
     if kind == "head":
         return f"rank{rank}/head.safetensors"
     return f"rank{rank}/layer{layer:03d}.{kind}.safetensors"
-
-
-class Checkpoint:
-    """The tensors of a HF checkpoint folder, by name, read by byte range."""
-
-    def __init__(self, model_dir: str | os.PathLike):
-        self.dir = Path(model_dir)
-        if not (self.dir / "config.json").is_file():
-            raise ConfigError(f"{self.dir}: no config.json; expected a Hugging Face checkpoint folder")
-        self.hf_config = json.loads((self.dir / "config.json").read_text())
-        self.config = ModelConfig.from_hf(self.hf_config)
-        self.tensors: dict[str, tuple[str, TensorInfo]] = {}
-        for f in self._weight_files():
-            for name, info in read_header(str(f)).items():
-                self.tensors[name] = (str(f), info)
-
-    def _weight_files(self) -> list[Path]:
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [self.dir / n for n in names]
-        files = sorted(self.dir.glob("*.safetensors"))
-        if files:
-            return files
-        pickled = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLED)
-        if pickled:
-            raise ConfigError(f"{self.dir}: only pickled checkpoint files ({', '.join(pickled)}); tpi never "
-                              "unpickles weights. Convert them to safetensors first.")
-        raise ConfigError(f"{self.dir}: no *.safetensors weights found")
-
-    def info(self, name: str) -> tuple[str, TensorInfo]:
-        if name not in self.tensors:
-            raise ShardFileError(f"{self.dir}: checkpoint has no tensor {name!r}")
-        return self.tensors[name]
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def fingerprint(self) -> str:
-        """Cheap identity of the checkpoint: path, config and weight files' sizes and mtimes."""
-        h = hashlib.sha256(str(self.dir.resolve()).encode())
-        h.update(json.dumps(self.hf_config, sort_keys=True).encode())
-        for f in sorted({f for f, _ in self.tensors.values()}):
-            st = os.stat(f)
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -97,7 +49,7 @@ class Slice:
     cols: tuple[int, int] | None = None
 
 
-def _block_slices(cfg: ModelConfig, plan: ShardPlan, rank: int, layer: int, kind: BlockKind) -> dict[str, Slice]:
+def block_slices(cfg: ModelConfig, plan: ShardPlan, rank: int, layer: int, kind: BlockKind) -> dict[str, Slice]:
     s, hd, p = plan.shards[rank], cfg.head_dim, f"model.layers.{layer}."
     owns_bias = rank == bias_rank(plan, kind)
     if kind == "attn":
@@ -153,7 +105,7 @@ def rank_blocks(cfg: ModelConfig, plan: ShardPlan, rank: int) -> list[tuple[int 
     return blocks
 
 
-def _slice_shape(full: tuple[int, ...], sl: Slice) -> tuple[int, ...]:
+def slice_shape(full: tuple[int, ...], sl: Slice) -> tuple[int, ...]:
     shape = list(full)
     if sl.rows:
         shape[0] = sl.rows[1] - sl.rows[0]
@@ -162,99 +114,8 @@ def _slice_shape(full: tuple[int, ...], sl: Slice) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _chunks(ckpt: Checkpoint, sl: Slice, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    path, info = ckpt.info(sl.source)
-    r0, r1 = sl.rows or (0, info.shape[0] if info.shape else 1)
-    step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for a in range(r0, r1, step):
-            rows = read_rows(fd, info, a, min(a + step, r1))
-            if sl.cols:
-                rows = rows[:, sl.cols[0]:sl.cols[1]]
-            yield rows.to(dtype)
-    finally:
-        os.close(fd)
-
-
-def _write_block(ckpt: Checkpoint, out_dir: Path, rel: str, slices: dict[str, Slice], dtype: torch.dtype) -> dict:
-    specs = [(name, dtype, _slice_shape(ckpt.info(sl.source)[1].shape, sl)) for name, sl in slices.items()]
-    path = out_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = StreamingWriter(str(path), specs)
-    for sl in slices.values():
-        for chunk in _chunks(ckpt, sl, dtype):
-            writer.write(chunk)
-    writer.close()
-    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
-
-
-def split(model_dir: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
-          ratios=None, dtype: str = "float32", progress: bool = True) -> dict:
-    """Split a checkpoint into per-rank block files under `out_dir`; returns the manifest."""
-    if dtype not in DTYPE_NAMES:
-        raise ConfigError(f"dtype={dtype!r}: expected one of {list(DTYPE_NAMES)}")
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    plan = make_plan(cfg, world_size, ratios)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(r, layer, kind) for r in range(world_size) for layer, kind in rank_blocks(cfg, plan, r)]
-    files = {}
-    bar = _progress(len(jobs), f"split {Path(model_dir).name} for {world_size} ranks", progress)
-    for r, layer, kind in jobs:
-        rel = block_file(r, layer, kind)
-        files[rel] = _write_block(ckpt, out, rel, _block_slices(cfg, plan, r, layer, kind), DTYPE_NAMES[dtype])
-        bar.update(1)
-    bar.close()
-    for f in Path(model_dir).iterdir():  # tokenizer, chat template, generation config: the master's
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
-            shutil.copy2(f, out / f.name)
-    manifest = {"format": SPLIT_FORMAT, "config": ckpt.hf_config, "dtype": dtype, "plan": plan.to_dict(),
-                "generation": _generation_config(Path(model_dir)), "files": files}
-    _write_json(out / "manifest.json", manifest)
-    return manifest
-
-
-def _generation_config(model_dir: Path) -> dict:
-    p = model_dir / "generation_config.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("TPI_CACHE") or Path.home() / ".cache" / "tpi")
-
-
-def split_cached(model_dir: str | os.PathLike, world_size: int, ratios=None, dtype: str = "float32",
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Split once per (checkpoint, world size, ratios, dtype) into the cache; safe across processes."""
-    ckpt = Checkpoint(model_dir)
-    plan = make_plan(ckpt.config, world_size, ratios)
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), plan.to_dict(), dtype, SPLIT_FORMAT]).encode())
-    root = Path(cache_dir) if cache_dir else cache_root() / "splits"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / key.hexdigest()[:24]
-    with open(str(final) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the split done
-        if not (final / "manifest.json").is_file():
-            tmp = Path(f"{final}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            split(model_dir, tmp, world_size, plan.ratios, dtype, progress)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-    return final
 
 
 @dataclass(frozen=True)
@@ -266,6 +127,7 @@ class Manifest:
     plan: ShardPlan
     dtype: torch.dtype
     digest: str  # sha256 of the manifest file: ranks compare it when they meet
+    quant: dict | None = None  # {"format", "group_size", "head"}; None: every weight in `dtype`
 
     @classmethod
     def load(cls, shard_dir: str | os.PathLike) -> Manifest:
@@ -291,8 +153,18 @@ class Manifest:
             raise ConfigError(f"{source}: 'files' must map each file to its size and sha256")
         if raw.get("dtype") not in DTYPE_NAMES:
             raise ConfigError(f"{source}: dtype {raw.get('dtype')!r}, expected one of {list(DTYPE_NAMES)}")
+        quant = raw.get("quant")
+        if quant is not None and not (isinstance(quant, dict) and quant.get("format") in QUANT_FORMATS
+                                      and isinstance(quant.get("group_size"), int) and quant["group_size"] > 0
+                                      and isinstance(quant.get("head"), bool)):
+            raise ConfigError(f"{source}: quant {quant!r}, expected {{'format': one of {list(QUANT_FORMATS)}, "
+                              "'group_size': a positive integer, 'head': true or false}")
         return cls(raw, ModelConfig.from_hf(raw["config"]), ShardPlan.from_dict(raw["plan"]),
-                   DTYPE_NAMES[raw["dtype"]], hashlib.sha256(data).hexdigest())
+                   DTYPE_NAMES[raw["dtype"]], hashlib.sha256(data).hexdigest(), quant)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
 
     def rank_files(self, rank: int) -> dict[str, dict]:
         """The files rank `rank` reads: relative path -> {size, sha256}."""
@@ -335,7 +207,7 @@ def _checked_path(shard_dir: str | os.PathLike, manifest: Manifest, rel: str) ->
     return path
 
 
-def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The checkpoint's tensor shapes as the config says, by name (the layer prefix dropped)."""
     d, hd, v, f = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -354,17 +226,33 @@ def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _checked_header(path: Path, manifest: Manifest, rank: int, layer: int | None,
                     kind: BlockKind) -> dict[str, TensorInfo]:
     """A block file's header, its tensors' names, dtypes and shapes checked against what the
-    manifest's config and plan say the block holds (a lying header is refused before any read)."""
+    manifest's config, plan and format say the block holds (a lying header is refused before any
+    read). A quantized split may hold a weight as ``<name>.qweight``, ``.scales`` (and ``.mins``)."""
     header = read_header(str(path))
-    full, prefix, dtype = _full_shapes(manifest.config), f"model.layers.{layer}.", manifest.dtype
-    expected = {name: _slice_shape(full[sl.source.removeprefix(prefix)], sl)
-                for name, sl in _block_slices(manifest.config, manifest.plan, rank, layer, kind).items()}
-    if set(header) != set(expected):
-        raise ShardFileError(f"{path}: holds tensors {sorted(header)}; expected {sorted(expected)}")
-    for name, info in header.items():
-        if info.shape != expected[name] or info.dtype != dtype:
+    full, prefix, dtype = full_shapes(manifest.config), f"model.layers.{layer}.", manifest.dtype
+    expected = {name: slice_shape(full[sl.source.removeprefix(prefix)], sl)
+                for name, sl in block_slices(manifest.config, manifest.plan, rank, layer, kind).items()}
+    names = set()
+    for name, shape in expected.items():
+        base = name.removesuffix(".weight")
+        if manifest.quantized and len(shape) == 2 and f"{base}.qweight" in header:
+            q = {s: header.get(f"{base}.{s}") for s in SUFFIXES}
+            if q["scales"] is None:
+                raise ShardFileError(f"{path}: {base}.qweight has no {base}.scales")
+            try:
+                check_shapes(base, q["qweight"].shape, q["qweight"].dtype, q["scales"].shape, q["scales"].dtype,
+                             q["mins"] and q["mins"].shape, q["mins"] and q["mins"].dtype, *shape)
+            except ConfigError as e:
+                raise ShardFileError(f"{path}: {e}") from None
+            names |= {f"{base}.{s}" for s in SUFFIXES if q[s] is not None}
+            continue
+        names.add(name)
+        info = header.get(name)
+        if info is not None and (info.shape != shape or info.dtype != dtype):
             raise ShardFileError(f"{path}: tensor {name} is {NAMES[info.dtype]} {list(info.shape)}; the "
-                                 f"manifest's config and plan need {NAMES[dtype]} {list(expected[name])}")
+                                 f"manifest's config and plan need {NAMES[dtype]} {list(shape)}")
+    if set(header) != names:
+        raise ShardFileError(f"{path}: holds tensors {sorted(header)}; expected {sorted(names)}")
     return header
 
 
@@ -379,24 +267,31 @@ def block_spec(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, laye
 
 
 def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: int
-               ) -> tuple[TensorInfo, TensorInfo, str, list[tuple[BlockSpec, int, int]]]:
-    """The master's head file: (embedding info, norm info, path, LM-head row chunks).
+               ) -> tuple[dict[str, TensorInfo], TensorInfo, str, list[tuple[BlockSpec, int, int]]]:
+    """The master's head file: (the embedding's tensors, norm info, path, LM-head row chunks).
 
-    Each chunk is a block of at most `chunk_bytes` holding rows [a, b) of the LM head (the
-    embedding table when tied), named "lm_head.weight"; (spec, a, b) per chunk.
+    The embedding's tensors are {"weight": info}, or a quantized table's {"qweight", "scales"
+    (, "mins")}. Each chunk is a block of at most `chunk_bytes` holding rows [a, b) of the LM head
+    (the embedding table when tied), named "lm_head.*"; (spec, a, b) per chunk.
     """
     path = _checked_path(shard_dir, manifest, block_file(0, None, "head"))
     header = _checked_header(path, manifest, 0, None, "head")
-    head = header.get("lm_head.weight", header["embed_tokens.weight"])
-    rows = head.shape[0]
-    step = max(1, min(rows, chunk_bytes // head.row_bytes))
+
+    def parts(base: str) -> dict[str, TensorInfo]:
+        return {s: header[f"{base}.{s}"] for s in ("weight", *SUFFIXES) if f"{base}.{s}" in header}
+
+    embed = parts("embed_tokens")
+    head = parts("lm_head") if not manifest.config.tie_word_embeddings else embed
+    rows = next(iter(head.values())).shape[0]
+    row_bytes = sum(t.row_bytes for t in head.values())
+    step = max(1, min(rows, chunk_bytes // row_bytes))
     chunks = []
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        t = TensorRange("lm_head.weight", head.dtype, (b - a, *head.shape[1:]), head.start + a * head.row_bytes,
-                        (b - a) * head.row_bytes)
-        chunks.append((BlockSpec((None, "head", len(chunks)), str(path), (t,)), a, b))
-    return header["embed_tokens.weight"], header["norm.weight"], str(path), chunks
+        t = tuple(TensorRange(f"lm_head.{s}", i.dtype, (b - a, *i.shape[1:]), i.start + a * i.row_bytes,
+                              (b - a) * i.row_bytes) for s, i in head.items())
+        chunks.append((BlockSpec((None, "head", len(chunks)), str(path), t), a, b))
+    return embed, header["norm.weight"], str(path), chunks
 
 
 def load_block(shard_dir: str | os.PathLike, manifest: Manifest, rank: int, layer: int | None,

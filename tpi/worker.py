@@ -25,7 +25,7 @@ from tpi.comm.wire import Kind
 from tpi.fetch import fetch_shards
 from tpi.forward import run_layers
 from tpi.kv_cache import CacheError
-from tpi.open_rank import open_rank_model
+from tpi.open_rank import compute_mode, open_rank_model
 from tpi.options import CommOptions, RankOptions
 from tpi.rank_model import RankModel
 from tpi.weights import Manifest, cache_root
@@ -69,7 +69,8 @@ def serve(opts: WorkerOptions) -> None:
         opts.rank, manifest.plan.world_size, opts.master, comm_opts.collective, opts.collective_host,
         comm_opts.step_timeout, cfg.hidden_size)
     comm = Spoke(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
-                 manifest.dtype, cfg.num_layers, comm_opts, links=links)
+                 manifest.dtype, cfg.num_layers, comm_opts, links=links,
+                 compute=compute_mode(manifest, rank_opts))
     stop = _watch_parent(opts.parent_pid)
     leaving = "stopped"
     try:

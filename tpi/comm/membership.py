@@ -40,8 +40,8 @@ def identity(rank: int) -> bytes:
 class Members:
     """The workers of a cluster of `world_size` ranks, as the master sees them."""
 
-    def __init__(self, world_size: int, digest: str):
-        self.world_size, self.digest = world_size, digest
+    def __init__(self, world_size: int, digest: str, compute: str = ""):
+        self.world_size, self.digest, self.compute = world_size, digest, compute
         self.peers: dict[bytes, int] = {}  # identity -> rank, after a valid HELLO
         self.hosts: dict[int, str] = {}
         self.pids: dict[int, object] = {}
@@ -86,6 +86,9 @@ class Members:
             reason = f"identity {ident!r} does not match rank {rank}"
         elif info.get("digest") != self.digest:
             reason = f"manifest digest {str(info.get('digest'))[:12]} does not match the master's {self.digest[:12]}"
+        elif info.get("compute", "") != self.compute:
+            reason = (f"rank {rank} computes {info.get('compute')!r} on the quantized weights, the master "
+                      f"{self.compute!r}: give every rank the same --compute")
         if reason:
             return Answer(Message(Kind.REFUSE, info={"reason": reason}), refused=reason)
         if rank in self.peers.values() and rank not in self.lost:
@@ -125,10 +128,12 @@ class Members:
             raise PeerLost(rank, f"worker rank {rank} ({self.hosts.get(rank, '?')}) is lost: {self.lost[rank]}")
 
 
-def hello(rank: int, digest: str, address: str = "") -> Message:
-    """A worker's HELLO: its rank, protocol, manifest digest, pid, host and collective address."""
+def hello(rank: int, digest: str, address: str = "", compute: str = "") -> Message:
+    """A worker's HELLO: its rank, protocol, manifest digest, pid, host, collective address and
+    compute mode on quantized weights ("" on floats)."""
     return Message(Kind.HELLO, info={"rank": rank, "protocol": PROTOCOL_VERSION, "digest": digest,
-                                     "pid": os.getpid(), "host": socket.gethostname(), "coll": address})
+                                     "pid": os.getpid(), "host": socket.gethostname(), "coll": address,
+                                     "compute": compute})
 
 
 def join(rank: int, master: str, send_hello: Callable[[], None], recv: Callable[[float], Message | None],

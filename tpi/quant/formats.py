@@ -1,0 +1,167 @@
+"""Group-wise quantized weights: int8 and int4 codes with a scale (and a minimum) per group of
+input columns.
+
+Owns: ``QuantTensor`` (one projection as codes, scales and optional minima: w = scale * q (+ min)
+for each group of `group_size` consecutive input columns of a row), quantizing a float weight
+(``quantize``: int8 symmetric, int4 asymmetric; scales float16 when every one is exactly float16,
+else float32), dequantizing into a caller's buffer (``dequantize``), packing int4 codes two to a
+byte (low nibble: the even column), and the names and shapes a block file holds for a quantized
+projection (``<name>.qweight``, ``.scales``, ``.mins``). Does not know: files, GGUF (gguf.py maps
+its types into these), matmuls (kernels.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tpi.config import ConfigError
+
+QuantFormat = Literal["int8", "int4"]
+SUFFIXES = ("qweight", "scales", "mins")  # a quantized projection's tensors in a block file
+INT4_MAX, INT8_MAX = 15, 127
+
+
+@dataclass
+class QuantTensor:
+    """A [out, in] weight as codes (int8 [out, in], or int4 packed in uint8 [out, in / 2]),
+    scales [out, in / group_size] and minima of the same shape (None: symmetric)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    @property
+    def format(self) -> QuantFormat:
+        return "int8" if self.codes.dtype == torch.int8 else "int4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, cols = self.codes.shape
+        return out, cols * (2 if self.format == "int4" else 1)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This projection's tensors as a block file names them (`name`: e.g. "q_proj")."""
+        out = {f"{name}.qweight": self.codes, f"{name}.scales": self.scales}
+        if self.mins is not None:
+            out[f"{name}.mins"] = self.mins
+        return out
+
+    def rows(self, a: int, b: int) -> QuantTensor:
+        """Output rows [a, b): a view."""
+        return QuantTensor(self.codes[a:b], self.scales[a:b], None if self.mins is None else self.mins[a:b])
+
+
+def is_quantized(w: Mapping[str, torch.Tensor], name: str) -> bool:
+    return f"{name}.qweight" in w
+
+
+def from_block(w: Mapping[str, torch.Tensor], name: str) -> QuantTensor:
+    """Projection `name` of a block's tensors (as ``QuantTensor.tensors`` named them)."""
+    return QuantTensor(w[f"{name}.qweight"], w[f"{name}.scales"], w.get(f"{name}.mins"))
+
+
+def check_shapes(name: str, codes: tuple[int, ...], codes_dtype: torch.dtype, scales: tuple[int, ...],
+                 scales_dtype: torch.dtype, mins: tuple[int, ...] | None, mins_dtype: torch.dtype | None,
+                 rows: int, cols: int) -> None:
+    """A quantized projection's tensors must describe an [rows, cols] weight with whole groups;
+    the error names the tensor and what was expected."""
+    packed = 2 if codes_dtype == torch.uint8 else 1
+    if codes_dtype not in (torch.int8, torch.uint8) or tuple(codes) != (rows, cols // packed) or cols % packed:
+        raise ConfigError(f"{name}.qweight is {codes_dtype} {list(codes)}; expected int8 {[rows, cols]} or "
+                          f"uint8 (int4) {[rows, cols // 2]}")
+    if scales_dtype not in (torch.float16, torch.float32) or len(scales) != 2 or scales[0] != rows or \
+            not scales[1] or cols % scales[1]:
+        raise ConfigError(f"{name}.scales is {scales_dtype} {list(scales)}; expected float16 or float32 "
+                          f"[{rows}, {cols} / group size]")
+    if mins is not None and (tuple(mins) != tuple(scales) or mins_dtype != scales_dtype):
+        raise ConfigError(f"{name}.mins is {mins_dtype} {list(mins)}; expected {scales_dtype} {list(scales)}")
+
+
+# -- quantizing ---------------------------------------------------------------------------------------
+def _as_float16_if_exact(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors in float16 if every value survives the round trip, else as they are (float32)."""
+    halves = [t.half() for t in tensors]
+    if all(torch.equal(h.float(), t) for h, t in zip(halves, tensors)):
+        return halves
+    return list(tensors)
+
+
+def quantize(w: torch.Tensor, fmt: QuantFormat, group_size: int = 32) -> QuantTensor:
+    """A float weight [out, in] quantized per group of `group_size` input columns: int8 symmetric
+    (scale = absmax / 127), int4 asymmetric (scale = (max - min) / 15, minimum = min). Scales (and
+    minima) are first rounded to float16 and the codes computed with the rounded values, so that
+    float16 storage is exact; where float16 cannot hold them (out of its range) they stay float32."""
+    out, cols = w.shape
+    if cols % group_size:
+        raise ConfigError(f"a weight of {cols} input columns cannot be quantized in groups of {group_size}")
+    g = w.float().reshape(out, cols // group_size, group_size)  # [out, groups, g]
+    if fmt == "int8":
+        scales = g.abs().amax(-1) / INT8_MAX
+        mins = None
+    elif fmt == "int4":
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales, mins = (hi - lo) / INT4_MAX, lo
+    else:
+        raise ConfigError(f"quant={fmt!r}: expected int8 or int4")
+    stored = _as_float16_if_exact(*(_round_half(t) for t in (scales, mins) if t is not None))
+    scales, mins = stored[0], stored[1] if mins is not None else None
+    s = scales.float()[..., None]
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    if fmt == "int8":
+        codes = torch.round(g / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(out, cols)
+    else:
+        q = torch.round((g - mins.float()[..., None]) / safe).clamp_(0, INT4_MAX).to(torch.uint8).reshape(out, cols)
+        codes = pack_int4(q)
+    return QuantTensor(codes, scales, mins)
+
+
+def _round_half(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to float16's values where float16 holds them (finite, not flushed to 0), float32."""
+    h = t.half().float()
+    ok = torch.isfinite(h) & ((h != 0) | (t == 0))
+    return torch.where(ok, h, t)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [out, in] -> [out, in / 2], two to a byte (low nibble: the even column)."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[out, in / 2] uint8 -> codes [out, in] (uint8), into `out` if given."""
+    rows, half = packed.shape
+    if out is None:
+        out = torch.empty((rows, 2 * half), dtype=torch.uint8, device=packed.device)
+    pairs = out.view(rows, half, 2)
+    torch.bitwise_and(packed, 0x0F, out=pairs[..., 0])
+    torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
+    return out
+
+
+# -- dequantizing -------------------------------------------------------------------------------------
+def dequantize(qt: QuantTensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [out, in] as floats, into `out` (a reused buffer) if given: scale * q (+ min)."""
+    rows, cols = qt.shape
+    if out is None:
+        out = torch.empty((rows, cols), dtype=dtype, device=qt.codes.device)
+    g = out.view(rows, qt.scales.shape[1], qt.group_size)  # [out, groups, g]
+    if qt.format == "int8":
+        out.copy_(qt.codes)
+    else:
+        g.view(rows, cols).copy_(unpack_int4(qt.codes))
+    g.mul_(qt.scales.to(out.dtype)[..., None])
+    if qt.mins is not None:
+        g.add_(qt.mins.to(out.dtype)[..., None])
+    return out
