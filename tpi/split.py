@@ -249,9 +249,9 @@ def split(model: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
         raise ConfigError(f"quant={quant.name!r}: {model} is a GGUF file, whose types are kept as they are "
                           "(quant=None) or dequantized (quant='float'); int8 and int4 quantize a float checkpoint")
     fmt = quant.manifest(gguf)
+    if fmt:  # before the plan, which needs whole groups of FFN columns: say which widths cut groups
+        _check_groups(cfg, make_plan(cfg, world_size, ratios), fmt["group_size"], model)
     plan = make_plan(cfg, world_size, ratios, fmt["group_size"] if fmt else 1)
-    if fmt:
-        _check_groups(cfg, plan, fmt["group_size"], model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(r, layer, kind) for r in range(world_size) for layer, kind in rank_blocks(cfg, plan, r)]
