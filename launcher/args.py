@@ -77,6 +77,8 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute", choices=choices(Compute), help="on quantized weights: exact (float32 "
                    "activations, as the dequantized weights give) or fast (bfloat16 through torch's int4 kernel; "
                    "the default); every rank must use the same")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step: the activations every "
+                   "rank's memory budget keeps room for; every rank must use the same")
     g.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for a peer within a step")
     g.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for the cluster to form")
     g.add_argument("--lost-timeout", type=float, default=3.0,

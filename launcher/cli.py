@@ -33,7 +33,7 @@ def rank_options(args):
                        MemoryOptions(args.memory_budget, args.window, args.drop_page_cache, args.stream_all,
                                      args.verify_shards),
                        OffloadOptions(args.device, args.gpu_memory_budget, args.offload_mode, args.offload_share),
-                       compute=args.compute)
+                       compute=args.compute, prefill_chunk=args.prefill_chunk)
 
 
 def quant(args):

@@ -102,3 +102,14 @@ def test_offload_on_the_cpu_matches_no_offload(tiny_models, split_cache, world_s
         assert shares == pytest.approx([s for s, _ in OFFLOAD[mode]])
     else:
         assert 0.0 < shares[0] < 0.5 and all(abs(s - r) < 0.01 for s, (r, _) in zip(shares[1:], OFFLOAD[mode][1:]))
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_a_smaller_prefill_chunk_gives_the_same_answer(references, split_cache, chunk):
+    """prefill_chunk: the prompt runs in steps of that many tokens (the activations a tight budget
+    keeps room for), against transformers as in one step."""
+    path, ref_logits, ref_tokens = references("mistral")
+    with InProcessCluster(path, 2, cache_dir=split_cache, prefill_chunk=chunk) as cluster:
+        assert_close(cluster.forward(PROMPT), ref_logits)
+        assert cluster.generate(PROMPT, NEW) == ref_tokens
+        assert all(s.activation_bytes < 4 * 512 * 64 for s in cluster.stats())  # a bound for `chunk` tokens

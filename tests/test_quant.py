@@ -114,7 +114,7 @@ def test_prepare_replaces_the_codes_and_keeps_the_bytes():
 def test_transient_bytes_bound_one_call():
     int4 = [("p.qweight", torch.uint8, (64, 128)), ("p.scales", torch.float16, (64, 8)), ("x.weight", torch.float32,
                                                                                             (4, 4))]
-    assert transient_bytes(int4, "fast") == 64 * 128 + 8 * 64 * 8  # repacked codes and scales-and-zeros
+    assert transient_bytes(int4, "fast") == 3 * 64 * 256 // 4 + 8 * 64 * 8  # repacked codes, temporaries, scales
     int8 = [("p.qweight", torch.int8, (40, 256)), ("p.scales", torch.float16, (40, 8))]
     assert transient_bytes(int8, "exact") == 4 * 40 * 256  # a float32 buffer
 
@@ -150,13 +150,15 @@ def test_the_plan_apportions_ffn_columns_in_whole_groups(tiny_models):
 
 @pytest.mark.unit
 @pytest.mark.timeout(30)
-def test_a_worker_computing_otherwise_is_refused():
+def test_a_worker_computing_or_chunking_otherwise_is_refused():
     members = Members(3, "d" * 64, "exact")
     ok = members.welcome(identity(1), hello(1, "d" * 64, "", "exact"))
     assert ok.joined and ok.reply.kind == Kind.WELCOME
     refused = members.welcome(identity(2), hello(2, "d" * 64, "", "fast"))
     assert refused.reply.kind == Kind.REFUSE and "rank 2 computes 'fast'" in refused.refused
     assert "--compute" in refused.refused
+    refused = members.welcome(identity(2), hello(2, "d" * 64, "", "exact", 64))
+    assert refused.reply.kind == Kind.REFUSE and "prefill chunks of 64 tokens, the master sends 512" in refused.refused
 
 
 # -- the split --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tpi.comm.security import LOCAL_HOSTS, check_public_key
 from tpi.config import ConfigError, ModelConfig, parse_bytes
-from tpi.options import Collective, DType, PayloadName
+from tpi.options import Collective, Compute, DType, PayloadName, QuantName
 
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 _DELAY = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*")
@@ -137,8 +137,13 @@ class ClusterConfig(_Strict):
     """One cluster: rank 0 is the master, workers are ranks 1..N-1."""
 
     name: str = "cluster"
-    model: str = "embedded"  # a HF checkpoint folder on the master, or "embedded" (SmolLM2-135M-Instruct)
+    model: str = "embedded"  # a HF folder or .gguf file on the master, or "embedded" (SmolLM2-135M-Instruct)
     dtype: DType = "float32"
+    quant: QuantName = "none"  # the weights' format (README: quantized weights); none: the checkpoint's own
+    group_size: int = Field(32, ge=2)
+    quant_head: bool = False
+    compute: Compute | None = None  # on quantized weights: exact or fast (the default)
+    prefill_chunk: int = Field(512, ge=1, le=65536)
     window: int | None = Field(None, ge=1)  # streamed blocks held at once on every rank
     max_context: int | None = Field(None, ge=1)
     step_timeout: float = Field(60.0, gt=0)

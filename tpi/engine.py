@@ -21,7 +21,6 @@ from tpi.errors import TpiError
 from tpi.forward import logits, run_layers
 from tpi.open_rank import open_rank_model
 from tpi.options import RankOptions
-from tpi.rank_model import PREFILL_CHUNK
 from tpi.sampling import SamplingParams, sample
 from tpi.stats import RankStats
 from tpi.weights import Manifest
@@ -123,10 +122,10 @@ class Engine:
         self.model.close()
 
     def _prefill(self, seq: int, ids: list[int], every_row: bool = False) -> tuple[torch.Tensor, int]:
-        """Prefill in chunks of PREFILL_CHUNK tokens; -> (logits, steps taken)."""
-        out = []
-        for step, start in enumerate(range(0, len(ids), PREFILL_CHUNK)):
-            out.append(self._run(seq, step, start, ids[start:start + PREFILL_CHUNK], every_row))
+        """Prefill in chunks of the model's prefill_chunk tokens; -> (logits, steps taken)."""
+        out, chunk = [], self.model.prefill_chunk
+        for step, start in enumerate(range(0, len(ids), chunk)):
+            out.append(self._run(seq, step, start, ids[start:start + chunk], every_row))
         return (torch.cat(out) if every_row else out[-1]), len(out)
 
     def _new_seq(self) -> int:

@@ -45,11 +45,14 @@ def _node_flags(cfg: ClusterConfig, node: Node) -> list[str]:
     flags = ["--threads", str(node.threads), "--step-timeout", f"{cfg.step_timeout:g}",
              "--join-timeout", f"{cfg.join_timeout:g}"]
     for flag, value in (("--memory-budget", node.memory_budget), ("--window", cfg.window),
-                        ("--gpu-memory-budget", node.gpu_memory_budget), ("--max-context", cfg.max_context)):
+                        ("--gpu-memory-budget", node.gpu_memory_budget), ("--max-context", cfg.max_context),
+                        ("--compute", cfg.compute)):
         if value is not None:
             flags += [flag, str(value)]
     if node.device != "cpu":
         flags += ["--device", node.device]
+    if cfg.prefill_chunk != 512:
+        flags += ["--prefill-chunk", str(cfg.prefill_chunk)]
     return flags
 
 
@@ -62,6 +65,9 @@ def node_commands(cfg: ClusterConfig) -> list[NodeCommand]:
     master += ["--world-size", str(cfg.world_size), "--ratios", ",".join(f"{r:g}" for r in cfg.ratios),
                "--dtype", cfg.dtype, "--wait-for-workers", "--bind", f"tcp://{m.bind_address}:{m.port}",
                "--host", m.http_host, "--port", str(m.http_port), *_node_flags(cfg, m)]
+    if cfg.quant != "none":
+        master += ["--quant", cfg.quant, "--group-size", str(cfg.group_size)] + (["--quant-head"] if cfg.quant_head
+                                                                                 else [])
     if cfg.collective != "star":
         master += ["--collective", cfg.collective]
     if cfg.payload is not None:

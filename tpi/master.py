@@ -53,7 +53,8 @@ class MasterNode:
         cfg, world = self.manifest.config, self.manifest.plan.world_size
         self.comm = SingleRank() if world == 1 else Hub(
             opts.bind, world, self.manifest.digest, cfg.hidden_size, self.manifest.dtype, cfg.num_layers, opts.comm,
-            files=ShardServer(opts.shard_dir, self.manifest), compute=compute_mode(self.manifest, opts.rank_opts))
+            files=ShardServer(opts.shard_dir, self.manifest), compute=compute_mode(self.manifest, opts.rank_opts),
+            prefill_chunk=opts.rank_opts.prefill_chunk)
         self.address = self.comm.address
         self.engine: Engine | None = None
 

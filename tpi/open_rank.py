@@ -26,7 +26,7 @@ from tpi.offload.plan import COPY_SLOTS, copy_slot_bytes, is_projection, place
 from tpi.options import RankOptions
 from tpi.peers import Peers
 from tpi.quant.kernels import QuantLinear, transient_bytes
-from tpi.rank_model import PREFILL_CHUNK, Head, RankModel, default_max_context
+from tpi.rank_model import Head, RankModel, default_max_context
 from tpi.safetensors_io import read_rows
 from tpi.scheduler import Counters, WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
@@ -85,7 +85,7 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
                                         opts.threads, COPY_SLOTS * slot, peers)
             share = calibration.fraction if calibration is not None else 1.0
         host_kv = cache.nbytes + (COPY_SLOTS * slot if share is not None else 0) if device.type == "cpu" else 0
-        activations = activation_bytes(cfg, shard, rank, max_context)
+        activations = activation_bytes(cfg, shard, rank, max_context, opts.prefill_chunk)
         if isinstance(linear, QuantLinear):  # the largest dequantized or repacked projection of one call
             activations += transient_bytes(((t.name, t.dtype, t.shape) for s in host for t in s.tensors),
                                            linear.compute)
@@ -106,8 +106,8 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
             offload = BlockOffload(sched, device, off.mode, share, slot, opts.threads, off.prefetch, exact=not tune)
             stack.callback(offload.close)
         model = RankModel(cfg, rank, manifest.dtype, max_context, device, cache, sched, gpu_blocks, offload, head,
-                          fixed, activations, calibration, linear, _weight_bytes(manifest, layers, chunks, head),
-                          _weight_format(manifest, linear))
+                          fixed, activations, opts.prefill_chunk, calibration, linear,
+                          _weight_bytes(manifest, layers, chunks, head), _weight_format(manifest, linear))
         if head is not None:
             head.table = _resident_embedding(model, budget)
         if tune:
@@ -153,9 +153,10 @@ def _load_on_gpu(device: torch.device, first: list, others: list, budget_setting
     return {spec.key: {k: t.to(device) for k, t in read_block(spec).items()} for spec in place(first, others, room)}
 
 
-def activation_bytes(cfg: ModelConfig, shard, rank: int, max_context: int) -> int:
-    """A bound on one prefill chunk's temporaries: projections, FFN columns, attention scores."""
-    c = PREFILL_CHUNK
+def activation_bytes(cfg: ModelConfig, shard, rank: int, max_context: int, chunk: int) -> int:
+    """A bound on one prefill chunk's temporaries (`chunk` tokens): projections, FFN columns,
+    attention scores."""
+    c = chunk
     per_token = 6 * cfg.hidden_size + 3 * shard.ffn_size + shard.num_heads * (max_context + 3 * cfg.head_dim)
     head = cfg.vocab_size if rank == 0 else 0
     return 4 * c * (per_token + head)

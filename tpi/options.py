@@ -139,12 +139,18 @@ class RankOptions:
     # quantized weights: "exact" (float32 activations, results as the dequantized weights give) or
     # "fast" (bfloat16 activations through torch's int4 kernel); None: fast. Float weights ignore it
     compute: Compute | None = None
+    # tokens of a prompt run in one step: the bound on activations every rank's budget keeps room
+    # for (a smaller chunk leaves more of a tight budget to the weights); every rank must use the same
+    prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or not 1 <= self.threads <= 1024:
             raise ConfigError(f"threads={self.threads!r}: expected an integer from 1 to 1024")
         if self.compute is not None:
             check_choice(self.compute, Compute, "compute")
+        if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or \
+                not 1 <= self.prefill_chunk <= 65536:
+            raise ConfigError(f"prefill_chunk={self.prefill_chunk!r}: expected an integer from 1 to 65536")
         if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 1):
             raise ConfigError(f"max_context={self.max_context!r}: expected an integer >= 1")
 
@@ -152,6 +158,7 @@ class RankOptions:
 # LocalCluster's keywords: each sets one field of one option group
 KEYWORDS = {
     "threads": ("rank", "threads"), "max_context": ("rank", "max_context"), "compute": ("rank", "compute"),
+    "prefill_chunk": ("rank", "prefill_chunk"),
     "memory_budget": ("memory", "memory_budget"), "window": ("memory", "window"),
     "drop_page_cache": ("memory", "drop_page_cache"), "stream_all": ("memory", "stream_all"),
     "verify_shards": ("memory", "verify_shards"),

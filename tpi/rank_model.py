@@ -27,7 +27,6 @@ from tpi.scheduler import WeightScheduler
 from tpi.stats import RankStats
 from tpi.weights import Manifest
 
-PREFILL_CHUNK = 512
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
 
 
@@ -60,6 +59,7 @@ class RankModel:
     head: Head | None  # rank 0 only
     fixed_bytes: int  # what the budget keeps for the runtime, the KV cache and activations
     activation_bytes: int  # of fixed_bytes: the bound on one prefill chunk's temporaries
+    prefill_chunk: int  # the most tokens of one step this rank keeps room for
     calibration: Calibration | None = None  # what was measured at start for the offload
     linear: Linear = dense  # the projections' matmul: dense, or a QuantLinear for a quantized split
     weight_bytes: int = 0  # bytes of weights this rank holds or streams (as stored: quantized or not)

@@ -70,7 +70,7 @@ def serve(opts: WorkerOptions) -> None:
         comm_opts.step_timeout, cfg.hidden_size)
     comm = Spoke(opts.master, opts.rank, manifest.plan.world_size, manifest.digest, cfg.hidden_size,
                  manifest.dtype, cfg.num_layers, comm_opts, links=links,
-                 compute=compute_mode(manifest, rank_opts))
+                 compute=compute_mode(manifest, rank_opts), prefill_chunk=rank_opts.prefill_chunk)
     stop = _watch_parent(opts.parent_pid)
     leaving = "stopped"
     try:

@@ -42,7 +42,8 @@ class Hub:
     rank = 0
 
     def __init__(self, bind: str, world_size: int, digest: str, hidden: int, dtype: torch.dtype, num_layers: int,
-                 opts: CommOptions | None = None, files: ShardServer | None = None, compute: str = ""):
+                 opts: CommOptions | None = None, files: ShardServer | None = None, compute: str = "",
+                 prefill_chunk: int = 512):
         opts = opts or CommOptions()
         self.world_size, self.step_timeout, self.opts = world_size, opts.step_timeout, opts
         self.payload = parse(opts.payload) if opts.payload else None  # None: partials in the model's dtype
@@ -50,7 +51,7 @@ class Hub:
         self.hidden, self.dtype = hidden, dtype
         self._coll_links: Links | None = None
         self._coll_stale = self._needs_setup()  # set up before the next step
-        self.members = Members(world_size, digest, compute)  # workers must match both
+        self.members = Members(world_size, digest, compute, prefill_chunk)  # workers must match all three
         self.files = files  # answers workers that fetch their shards before joining
         self.star = HubStar(self)
         self.timing = CallTimer(self.rank)

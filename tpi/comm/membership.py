@@ -40,8 +40,8 @@ def identity(rank: int) -> bytes:
 class Members:
     """The workers of a cluster of `world_size` ranks, as the master sees them."""
 
-    def __init__(self, world_size: int, digest: str, compute: str = ""):
-        self.world_size, self.digest, self.compute = world_size, digest, compute
+    def __init__(self, world_size: int, digest: str, compute: str = "", prefill_chunk: int = 512):
+        self.world_size, self.digest, self.compute, self.prefill_chunk = world_size, digest, compute, prefill_chunk
         self.peers: dict[bytes, int] = {}  # identity -> rank, after a valid HELLO
         self.hosts: dict[int, str] = {}
         self.pids: dict[int, object] = {}
@@ -89,6 +89,9 @@ class Members:
         elif info.get("compute", "") != self.compute:
             reason = (f"rank {rank} computes {info.get('compute')!r} on the quantized weights, the master "
                       f"{self.compute!r}: give every rank the same --compute")
+        elif info.get("chunk", 512) != self.prefill_chunk:
+            reason = (f"rank {rank} keeps memory for prefill chunks of {info.get('chunk')!r} tokens, the master "
+                      f"sends {self.prefill_chunk}: give every rank the same --prefill-chunk")
         if reason:
             return Answer(Message(Kind.REFUSE, info={"reason": reason}), refused=reason)
         if rank in self.peers.values() and rank not in self.lost:
@@ -128,12 +131,13 @@ class Members:
             raise PeerLost(rank, f"worker rank {rank} ({self.hosts.get(rank, '?')}) is lost: {self.lost[rank]}")
 
 
-def hello(rank: int, digest: str, address: str = "", compute: str = "") -> Message:
-    """A worker's HELLO: its rank, protocol, manifest digest, pid, host, collective address and
-    compute mode on quantized weights ("" on floats)."""
+def hello(rank: int, digest: str, address: str = "", compute: str = "", prefill_chunk: int = 512) -> Message:
+    """A worker's HELLO: its rank, protocol, manifest digest, pid, host, collective address,
+    compute mode on quantized weights ("" on floats) and prefill chunk: the last two must be the
+    master's."""
     return Message(Kind.HELLO, info={"rank": rank, "protocol": PROTOCOL_VERSION, "digest": digest,
                                      "pid": os.getpid(), "host": socket.gethostname(), "coll": address,
-                                     "compute": compute})
+                                     "compute": compute, "chunk": prefill_chunk})
 
 
 def join(rank: int, master: str, send_hello: Callable[[], None], recv: Callable[[float], Message | None],

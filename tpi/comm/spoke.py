@@ -36,17 +36,18 @@ class Spoke:
     """A worker's side of the star: one DEALER connected to the master."""
 
     def __init__(self, master: str, rank: int, world_size: int, digest: str, hidden: int, dtype: torch.dtype,
-                 num_layers: int, opts: CommOptions | None = None, links: Links | None = None, compute: str = ""):
+                 num_layers: int, opts: CommOptions | None = None, links: Links | None = None, compute: str = "",
+                 prefill_chunk: int = 512):
         """`links`: this rank's bound point-to-point link, its address sent in HELLO, for a ring or
         tree collective should the master choose one (tpi/comm/collectives.py); `compute`: this
-        rank's compute mode on quantized weights, which must be the master's."""
+        rank's compute mode on quantized weights and `prefill_chunk`, which must be the master's."""
         opts = opts or CommOptions()
         self.rank, self.world_size, self.step_timeout = rank, world_size, opts.step_timeout
         self.links, self.collective, self.payload = links, None, None
         self.require = opts.collective  # a collective this worker insists on (None: the master's choice)
         self._tag: Tag | None = None  # the collective in flight, for `_watch`
         self._pending: deque[Message] = deque()  # control messages that came while a collective waited
-        self.master, self.digest, self.compute = master, digest, compute
+        self.master, self.digest, self.compute, self.prefill_chunk = master, digest, compute, prefill_chunk
         self.star = SpokeStar(self)
         self.timing = CallTimer(rank)
         self.ctx = zmq.Context()
@@ -69,7 +70,7 @@ class Spoke:
         """Say HELLO until the master welcomes us (membership.join); disconnects from before that
         welcome are history."""
         hello = encode(membership.hello(self.rank, self.digest, self.links.address if self.links else "",
-                                        self.compute))
+                                        self.compute, self.prefill_chunk))
         membership.join(self.rank, self.master, lambda: self.sock.send_multipart(hello),
                         lambda timeout: self.recv(timeout, joined=False), timeout)
         while self.monitor.poll(0):

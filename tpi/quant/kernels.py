@@ -53,12 +53,14 @@ def repack(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _repack(codes: torch.Tensor) -> torch.Tensor:
+    """At most half the codes' bytes in temporaries beside the result."""
     rows, half = codes.shape
     tiles = codes.view(rows // TILE, 2, TILE // 2, half)
     lo, hi = tiles[:, 0], tiles[:, 1]  # rows d and d + 16 of each tile: [tiles, 16, K / 2]
-    even = (lo & 0x0F) | (hi << 4)  # column 2j of both rows
-    odd = (lo >> 4) | (hi & 0xF0)  # column 2j + 1
-    return torch.stack([even, odd], dim=-1).permute(0, 2, 3, 1).reshape(rows, half)
+    out = torch.empty((rows // TILE, half, 2, TILE // 2), dtype=torch.uint8)  # [tiles, K, 16]
+    out[:, :, 0].copy_(((lo & 0x0F) | (hi << 4)).transpose(1, 2))  # column 2j of both rows
+    out[:, :, 1].copy_(((lo >> 4) | (hi & 0xF0)).transpose(1, 2))  # column 2j + 1
+    return out.view(rows, half)
 
 
 def _torch_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,7 @@ def transient_bytes(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
         rows, cols = shape[0], shape[1] * (2 if dtype == torch.uint8 else 1)
         groups = shapes[f"{base}.scales"][1][1]
         if kernel_applies(rows, cols, cols // groups, dtype == torch.uint8, torch.device("cpu")):
-            most = max(most, rows * cols // 2 + 8 * rows * groups)
+            most = max(most, 3 * rows * cols // 4 + 8 * rows * groups)  # repacked codes, temporaries, scales
         else:
             most = max(most, 4 * rows * cols)
     return most
