@@ -19,8 +19,18 @@ from tpi.comm.wire import Kind
 from tpi.config import ConfigError
 from tpi.inprocess import InProcessCluster
 from tpi.partition import make_plan
-from tpi.quant.formats import check_shapes, dequantize, pack_int4, quantize, unpack_int4
-from tpi.quant.kernels import QuantLinear, _repack, _torch_pack, repack, transient_bytes
+from tpi.quant.formats import (
+    QuantTensor,
+    check_shapes,
+    dequantize,
+    from_block,
+    pack_int4,
+    quantize,
+    tile_int4,
+    unpack_int4,
+    untile_int4,
+)
+from tpi.quant.kernels import KERNEL_ROWS, QuantLinear, _layout_is_tiled, _torch_pack, transient_bytes
 from tpi.safetensors_io import ShardFileError
 from tpi.split import Quant, export_dequantized, split, split_cached
 from tpi.weights import Manifest, block_file, block_spec
@@ -64,13 +74,19 @@ def test_scales_stay_float32_where_float16_cannot_hold_them():
 
 @pytest.mark.unit
 @pytest.mark.timeout(30)
-def test_int4_packing_round_trips_and_repacks_as_torch_does():
+def test_int4_layouts_round_trip_and_the_tiled_one_is_torchs():
     q = torch.randint(0, 16, (64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     packed = pack_int4(q)
     assert torch.equal(unpack_int4(packed), q)
     assert torch.equal(packed[:, 0] & 0x0F, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 1])
-    assert torch.equal(_repack(packed), _torch_pack(packed))  # the fast path, checked on a second shape
-    assert torch.equal(repack(packed[:48]), _torch_pack(packed[:48]))  # not a multiple of 32 rows: torch's
+    tiled = tile_int4(packed)
+    assert torch.equal(untile_int4(tiled), packed)
+    assert torch.equal(tiled, _torch_pack(packed)) and _layout_is_tiled()  # what the kernel reads
+    qt = QuantTensor(packed, torch.ones(64, 3), None)
+    stored = from_block(qt.tensors("p"), "p")  # 64 rows: stored tiled
+    assert stored.tiled and torch.equal(stored.codes, tiled)
+    assert torch.equal(stored.rows(5, 40).codes, packed[5:40]) and torch.equal(stored.rows(32, 64).codes, packed[32:])
+    assert not from_block(QuantTensor(packed[:48], torch.ones(48, 3)).tensors("p"), "p").tiled  # 48 rows: not
 
 
 @pytest.mark.unit
@@ -78,12 +94,14 @@ def test_int4_packing_round_trips_and_repacks_as_torch_does():
 @pytest.mark.parametrize("fmt,rows,group", [("int4", 64, 32), ("int4", 48, 128), ("int4", 40, 32), ("int8", 64, 32),
                                             ("int4", 64, 16)])
 @pytest.mark.parametrize("prepared", [False, True])
-def test_quant_linear_exact_matches_the_dequantized_product(fmt, rows, group, prepared):
-    """The int4 kernel (multiples of 16 rows, groups 32-256) and the dequantizing path (the rest)
-    both within a few 1e-6 of F.linear on the dequantized weight; fast within bfloat16's error."""
+@pytest.mark.parametrize("steps", [5, KERNEL_ROWS + 16])  # a decode-sized step and a prompt chunk beyond the kernel's
+def test_quant_linear_matches_the_dequantized_product(fmt, rows, group, prepared, steps):
+    """exact: F.linear on the dequantized weight, to a few 1e-6; fast: torch's int4 kernel (groups
+    32-256, rows a multiple of 16; 64 rows stored tiled, 48 not) within bfloat16's error on short
+    steps, and a prepared block's dequantized scales-and-zeros beyond; other weights as exact."""
     gen = torch.Generator().manual_seed(2)
     qt = quantize(torch.randn(rows, 256, generator=gen), fmt, group)
-    x = torch.randn(5, 256, generator=gen)
+    x = torch.randn(steps, 256, generator=gen)
     bias = torch.randn(rows, generator=gen)
     ref = F.linear(x, dequantize(qt), bias)
     for compute, rel in (("exact", 1e-5), ("fast", 3e-2)):
@@ -98,15 +116,15 @@ def test_quant_linear_exact_matches_the_dequantized_product(fmt, rows, group, pr
 
 @pytest.mark.unit
 @pytest.mark.timeout(30)
-def test_prepare_replaces_the_codes_and_keeps_the_bytes():
+def test_prepare_makes_the_kernels_scales_once_in_the_same_bytes():
     qt = quantize(torch.randn(64, 256), "int4", 32)
     w = qt.tensors("p")
     before = sum(t.nbytes for t in w.values())
     QuantLinear("fast").prepare(w)
-    assert set(w) == {"p.int4pack", "p.int4sz"} and sum(t.nbytes for t in w.values()) == before
+    assert set(w) == {"p.qweight", "p.int4sz"} and sum(t.nbytes for t in w.values()) == before
     w = qt.tensors("p")
-    QuantLinear("exact").prepare(w)  # exact keeps the float16 scales: scales-and-zeros made per call
-    assert set(w) == {"p.int4pack", "p.scales", "p.mins"}
+    QuantLinear("exact").prepare(w)  # exact dequantizes: nothing to prepare
+    assert set(w) == {"p.qweight", "p.scales", "p.mins"}
 
 
 @pytest.mark.unit
@@ -114,9 +132,11 @@ def test_prepare_replaces_the_codes_and_keeps_the_bytes():
 def test_transient_bytes_bound_one_call():
     int4 = [("p.qweight", torch.uint8, (64, 128)), ("p.scales", torch.float16, (64, 8)), ("x.weight", torch.float32,
                                                                                             (4, 4))]
-    assert transient_bytes(int4, "fast") == 3 * 64 * 256 // 4 + 8 * 64 * 8  # repacked codes, temporaries, scales
+    assert transient_bytes(int4, "fast", 64) == (4 + 2) * 2 * 64 * 8  # scales-and-zeros in float32 and bfloat16
+    assert transient_bytes(int4, "fast", 512) == (4 + 2) * 2 * 64 * 8 + 4 * 64 * 256  # and a float32 buffer
+    assert transient_bytes(int4, "exact", 1) == 4 * 64 * 256  # only that
     int8 = [("p.qweight", torch.int8, (40, 256)), ("p.scales", torch.float16, (40, 8))]
-    assert transient_bytes(int8, "exact") == 4 * 40 * 256  # a float32 buffer
+    assert transient_bytes(int8, "fast", 1) == 4 * 40 * 256
 
 
 @pytest.mark.unit
@@ -355,3 +375,22 @@ def test_real_processes_fetch_quantized_shards_and_match(references, quant_model
         assert r.weight_format == f"{fmt}/exact"
     with InProcessCluster(path, world_size, ratios, quant=fmt, compute="exact", cache_dir=split_cache) as local:
         assert torch.equal(local.forward(PROMPT), logits)
+
+
+# -- a GPU: quantized blocks that fit its budget run there ------------------------------------------------------------
+@pytest.mark.inprocess
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("gpu_budget", [None, "150KB"])  # everything on the GPU; the KV cache (131 KB) and some blocks
+def test_quantized_blocks_on_the_gpu(references, quant_models, split_cache, fmt, gpu_budget):
+    """On CUDA a quantized projection is dequantized into a reused buffer on the GPU (no CPU int4
+    kernel there); the host's blocks use the CPU's kernel: exact either way."""
+    ref_logits, ref_tokens = references("llama3", 2, None, fmt, True)
+    with InProcessCluster(quant_models("llama3"), 2, quant=fmt, quant_head=True, compute="exact", device="cuda",
+                          gpu_memory_budget=gpu_budget, cache_dir=split_cache) as cluster:
+        assert_close(cluster.forward(PROMPT), ref_logits)
+        assert cluster.generate(PROMPT, NEW) == ref_tokens
+        stats = cluster.stats()
+    assert all(s.gpu_blocks > 0 for s in stats)
+    assert (gpu_budget is None) == all(s.block_bytes == 0 for s in stats)  # no host blocks without a budget

@@ -86,9 +86,9 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
             share = calibration.fraction if calibration is not None else 1.0
         host_kv = cache.nbytes + (COPY_SLOTS * slot if share is not None else 0) if device.type == "cpu" else 0
         activations = activation_bytes(cfg, shard, rank, max_context, opts.prefill_chunk)
-        if isinstance(linear, QuantLinear):  # the largest dequantized or repacked projection of one call
+        if isinstance(linear, QuantLinear):  # its reused buffers for the largest quantized projection
             activations += transient_bytes(((t.name, t.dtype, t.shape) for s in host for t in s.tensors),
-                                           linear.compute)
+                                           linear.compute, opts.prefill_chunk)
         fixed = runtime + host_kv + activations
         budget = mem.budget_bytes
         if mem.stream_all:
@@ -164,15 +164,13 @@ def activation_bytes(cfg: ModelConfig, shard, rank: int, max_context: int, chunk
 
 def _resident_embedding(model: RankModel, budget: int | None) -> list[tuple[int, int, Weights]] | None:
     """The embedding table as (first row, end row, "lm_head.*" tensors) pieces, if it may stay in
-    memory: the resident LM-head chunks themselves when the embeddings are tied (unless their codes
-    went into the int4 kernel's form), else a copy when the budget holds it on top of everything
-    else. None: rows are read from disk as needed."""
+    memory: the resident LM-head chunks themselves when the embeddings are tied, else a copy when
+    the budget holds it on top of everything else. None: rows are read from disk as needed."""
     if model.sched.res.window != 0:  # something streams: no room to keep the table
         return None
     head = model.head
     if model.cfg.tie_word_embeddings:  # a chunk on the GPU gives its rows from there
-        table = [(a, b, model.gpu_blocks.get(key) or model.sched.pinned(model.index[key])) for key, a, b in head.chunks]
-        return table if all("lm_head.weight" in w or "lm_head.qweight" in w for _, _, w in table) else None
+        return [(a, b, model.gpu_blocks.get(key) or model.sched.pinned(model.index[key])) for key, a, b in head.chunks]
     nbytes = sum(info.nbytes for info in head.embed.values())
     if budget is None or model.sched.res.planned_bytes + nbytes <= budget:
         rows = next(iter(head.embed.values())).shape[0]

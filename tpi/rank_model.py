@@ -21,7 +21,7 @@ from tpi.kv_cache import KVCache
 from tpi.layers import Linear, Weights, dense, rope_cos_sin, rope_inv_freq
 from tpi.offload.blocks import BlockOffload
 from tpi.offload.calibrate import Calibration
-from tpi.quant.formats import dequantize, from_block
+from tpi.quant.formats import TILE, QuantTensor, dequantize, from_block, untile_int4
 from tpi.safetensors_io import TensorInfo, pread_into
 from tpi.scheduler import WeightScheduler
 from tpi.stats import RankStats
@@ -101,14 +101,26 @@ class RankModel:
         head = self.head
         if head.table is not None:
             rows = [_row(w, i - a) for i in ids for a, b, w in head.table if a <= i < b]
-            return torch.cat(rows).cpu().to(self.dtype)
-        w = {}
-        for part, info in head.embed.items():
-            out = w[f"lm_head.{part}"] = torch.empty((len(ids), *info.shape[1:]), dtype=info.dtype)
-            for row, token in enumerate(ids):
-                pread_into(head.fd, out[row], info.start + token * info.row_bytes)
-            self.sched.counters.bytes_read += len(ids) * info.row_bytes
-        return torch.cat([_row(w, i) for i in range(len(ids))]).to(self.dtype)
+        else:
+            rows = [self._read_row(token) for token in ids]
+        return torch.cat(rows).cpu().to(self.dtype)
+
+    def _read_row(self, token: int) -> torch.Tensor:
+        """One embedding row from the head file [1, D]; of tiled int4 codes, the tile holding it."""
+        parts = {}
+        for part, info in self.head.embed.items():
+            first, n = token, 1
+            if part == "qweight" and info.dtype == torch.uint8 and info.shape[0] % TILE == 0:
+                first, n = token // TILE * TILE, TILE
+            parts[part] = t = torch.empty((n, *info.shape[1:]), dtype=info.dtype)
+            pread_into(self.head.fd, t, info.start + first * info.row_bytes)
+            self.sched.counters.bytes_read += t.nbytes
+        if "weight" in parts:
+            return parts["weight"]
+        codes = parts["qweight"]
+        if codes.shape[0] != 1:
+            codes = untile_int4(codes)[token % TILE:token % TILE + 1]
+        return dequantize(QuantTensor(codes, parts["scales"], parts.get("mins")))
 
     def stats(self, allreduce_s: float = 0.0, allreduce_calls: int = 0, refused: int = 0) -> RankStats:
         """Counters since start; the communicator's figures are given by its owner."""

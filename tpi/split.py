@@ -28,7 +28,7 @@ import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import make_plan
-from tpi.quant.formats import QuantTensor, dequantize, quantize
+from tpi.quant.formats import QuantTensor, dequantize, from_block, quantize
 from tpi.safetensors_io import StreamingWriter, TensorInfo, read_header, read_rows
 from tpi.weights import (
     DTYPE_NAMES,
@@ -372,8 +372,8 @@ def _assemble(shard_dir, manifest: Manifest, name: str, shape: tuple[int, ...]) 
             if sl.source != name:
                 continue
             base = out_name.rsplit(".", 1)[0]
-            t = dequantize(QuantTensor(w[f"{base}.qweight"], w[f"{base}.scales"], w.get(f"{base}.mins"))) \
-                if f"{base}.qweight" in w and out_name.endswith(".weight") else w[out_name].float()
+            t = dequantize(from_block(w, base)) if f"{base}.qweight" in w and out_name.endswith(".weight") \
+                else w[out_name].float()
             rows = slice(*sl.rows) if sl.rows else slice(None)
             cols = slice(*sl.cols) if sl.cols else slice(None)
             full[(rows, cols) if full.dim() == 2 else rows] = t

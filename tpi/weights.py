@@ -23,7 +23,7 @@ import torch
 
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import ShardPlan
-from tpi.quant.formats import SUFFIXES, check_shapes
+from tpi.quant.formats import SUFFIXES, TILE, check_shapes
 from tpi.safetensors_io import NAMES, ShardFileError, TensorInfo, read_header
 from tpi.scheduler import BlockSpec, TensorRange, read_block
 
@@ -285,6 +285,8 @@ def head_specs(shard_dir: str | os.PathLike, manifest: Manifest, chunk_bytes: in
     rows = next(iter(head.values())).shape[0]
     row_bytes = sum(t.row_bytes for t in head.values())
     step = max(1, min(rows, chunk_bytes // row_bytes))
+    if rows % TILE == 0:  # chunks of whole tiles: tiled int4 codes (formats.py) stay byte ranges
+        step = max(TILE, step // TILE * TILE)
     chunks = []
     for a in range(0, rows, step):
         b = min(rows, a + step)

@@ -4,10 +4,16 @@ input columns.
 Owns: ``QuantTensor`` (one projection as codes, scales and optional minima: w = scale * q (+ min)
 for each group of `group_size` consecutive input columns of a row), quantizing a float weight
 (``quantize``: int8 symmetric, int4 asymmetric; scales float16 when every one is exactly float16,
-else float32), dequantizing into a caller's buffer (``dequantize``), packing int4 codes two to a
-byte (low nibble: the even column), and the names and shapes a block file holds for a quantized
-projection (``<name>.qweight``, ``.scales``, ``.mins``). Does not know: files, GGUF (gguf.py maps
-its types into these), matmuls (kernels.py).
+else float32), dequantizing into a caller's buffer (``dequantize``), the int4 code layouts, and the
+names and shapes a block file holds for a quantized projection (``<name>.qweight``, ``.scales``,
+``.mins``). Does not know: files, GGUF (gguf.py maps its types into these), matmuls (kernels.py).
+
+int4 codes are two to a byte. In memory while splitting ("rows" layout) byte j of a row holds
+columns 2j (low nibble) and 2j + 1. Stored in a block file, a projection whose rows are a multiple
+of 32 is in the "tiled" layout, which is what torch's CPU int4 kernel reads (kernels.py checks
+that once): rows in tiles of 32, each tile [in, 16] bytes, byte (k, d) holding row d's column k
+in its low nibble and row d + 16's in its high one; a tile's bytes are contiguous, so rows [a, b)
+on tile boundaries are one byte range. Streamed blocks thus go to the kernel as they are read.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from tpi.config import ConfigError
 QuantFormat = Literal["int8", "int4"]
 SUFFIXES = ("qweight", "scales", "mins")  # a quantized projection's tensors in a block file
 INT4_MAX, INT8_MAX = 15, 127
+TILE = 32  # rows of one tile of the stored int4 layout
 
 
 @dataclass
 class QuantTensor:
-    """A [out, in] weight as codes (int8 [out, in], or int4 packed in uint8 [out, in / 2]),
-    scales [out, in / group_size] and minima of the same shape (None: symmetric)."""
+    """A [out, in] weight as codes (int8 [out, in], or int4 two to a byte [out, in / 2], in the rows
+    or the tiled layout), scales [out, in / group_size] and minima of the same shape (None:
+    symmetric)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None = None
+    tiled: bool = False
 
     @property
     def format(self) -> QuantFormat:
@@ -52,15 +61,49 @@ class QuantTensor:
         return sum(t.nbytes for t in (self.codes, self.scales, self.mins) if t is not None)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """This projection's tensors as a block file names them (`name`: e.g. "q_proj")."""
-        out = {f"{name}.qweight": self.codes, f"{name}.scales": self.scales}
+        """This projection's tensors as a block file stores them (`name`: e.g. "q_proj"): int4
+        codes tiled where the rows allow."""
+        codes = tile_int4(self.codes) if tileable(self.codes) and not self.tiled else self.codes
+        out = {f"{name}.qweight": codes, f"{name}.scales": self.scales}
         if self.mins is not None:
             out[f"{name}.mins"] = self.mins
         return out
 
+    def untiled(self) -> QuantTensor:
+        return QuantTensor(untile_int4(self.codes), self.scales, self.mins) if self.tiled else self
+
     def rows(self, a: int, b: int) -> QuantTensor:
-        """Output rows [a, b): a view."""
-        return QuantTensor(self.codes[a:b], self.scales[a:b], None if self.mins is None else self.mins[a:b])
+        """Output rows [a, b), in the rows layout (a view unless tiles must be undone)."""
+        if not self.tiled:
+            return QuantTensor(self.codes[a:b], self.scales[a:b], None if self.mins is None else self.mins[a:b])
+        t0, t1 = a // TILE * TILE, -(-b // TILE) * TILE
+        codes = untile_int4(self.codes[t0:t1])[a - t0:b - t0]
+        return QuantTensor(codes, self.scales[a:b], None if self.mins is None else self.mins[a:b])
+
+
+def tileable(codes: torch.Tensor) -> bool:
+    return codes.dtype == torch.uint8 and codes.shape[0] % TILE == 0
+
+
+def tile_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [N, K / 2] in the rows layout -> the tiled layout (N a multiple of 32)."""
+    rows, half = codes.shape
+    tiles = codes.view(rows // TILE, 2, TILE // 2, half)
+    lo, hi = tiles[:, 0], tiles[:, 1]  # rows d and d + 16 of each tile: [tiles, 16, K / 2]
+    out = torch.empty((rows // TILE, half, 2, TILE // 2), dtype=torch.uint8)  # [tiles, K, 16]
+    out[:, :, 0].copy_(((lo & 0x0F) | (hi << 4)).transpose(1, 2))  # column 2j of both rows
+    out[:, :, 1].copy_(((lo >> 4) | (hi & 0xF0)).transpose(1, 2))  # column 2j + 1
+    return out.view(rows, half)
+
+
+def untile_int4(tiled: torch.Tensor) -> torch.Tensor:
+    """The tiled layout back to the rows layout."""
+    rows, half = tiled.shape
+    t = tiled.view(rows // TILE, half, 2, TILE // 2).permute(0, 3, 1, 2)  # [tiles, 16, K / 2, 2]: (row d, j, e)
+    out = torch.empty((rows // TILE, 2, TILE // 2, half), dtype=torch.uint8)
+    out[:, 0].copy_((t[..., 0] & 0x0F) | (t[..., 1] << 4))  # row d: columns 2j and 2j + 1
+    out[:, 1].copy_((t[..., 0] >> 4) | (t[..., 1] & 0xF0))  # row d + 16
+    return out.view(rows, half)
 
 
 def is_quantized(w: Mapping[str, torch.Tensor], name: str) -> bool:
@@ -68,8 +111,9 @@ def is_quantized(w: Mapping[str, torch.Tensor], name: str) -> bool:
 
 
 def from_block(w: Mapping[str, torch.Tensor], name: str) -> QuantTensor:
-    """Projection `name` of a block's tensors (as ``QuantTensor.tensors`` named them)."""
-    return QuantTensor(w[f"{name}.qweight"], w[f"{name}.scales"], w.get(f"{name}.mins"))
+    """Projection `name` of a block's tensors (as ``QuantTensor.tensors`` stored them)."""
+    codes = w[f"{name}.qweight"]
+    return QuantTensor(codes, w[f"{name}.scales"], w.get(f"{name}.mins"), tileable(codes))
 
 
 def check_shapes(name: str, codes: tuple[int, ...], codes_dtype: torch.dtype, scales: tuple[int, ...],
@@ -153,6 +197,7 @@ def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 # -- dequantizing -------------------------------------------------------------------------------------
 def dequantize(qt: QuantTensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [out, in] as floats, into `out` (a reused buffer) if given: scale * q (+ min)."""
+    qt = qt.untiled()
     rows, cols = qt.shape
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=qt.codes.device)

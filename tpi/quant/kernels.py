@@ -1,18 +1,21 @@
 """Matmuls on quantized weights: the `linear` the model's math is handed for quantized splits.
 
 Owns: ``QuantLinear``, a ``linear(x, w, name)`` for blocks whose projections may be quantized
-(formats.py), in two modes. "exact": float32 activations; an int4 weight whose kernel applies
-(groups of 32 to 256, a multiple of 16 output rows, on the CPU) goes through torch's int4 kernel
-with float32 activations, scales and zeros (within a few 1e-6 of the dequantized product); any
-other quantized weight is dequantized one projection at a time into a buffer this object reuses,
-then multiplied in float32. "fast": the same int4 kernel with bfloat16 activations and scales
-(several times a float32 matmul's speed), the rest as exact. A projection stored as floats is a
-plain ``F.linear``. The kernel's packed form of a block that stays in memory is made once
-(``prepare``, at load: the codes are replaced by it, and in fast mode the scales and minima by
-the kernel's bfloat16 scales-and-zeros, the same bytes); a streamed block's is made at each use
-(``repack``: a few element-wise passes, checked once against torch's own conversion). No
-dequantized copy of a projection outlives the call that made it; ``transient_bytes`` bounds what
-one call allocates. Does not know: files, which block comes next, the network, the offload.
+(formats.py), in two modes. "exact": each quantized projection is dequantized into a float32
+buffer this object reuses, then multiplied in float32: the product transformers computes on the
+dequantized weights. (torch's int4 kernel with float32 activations is as close, but runs row by
+row of x: 10-60x slower than this for a prompt.) "fast": int4 weights whose kernel applies
+(groups of 32 to 256, a multiple of 16 output rows, on the CPU) go through torch's int4 kernel in
+bfloat16 when x has at most ``KERNEL_ROWS`` rows (a decode step, a short prompt chunk; the kernel
+too runs row by row), the rest as exact. A projection stored as floats is a plain ``F.linear``.
+
+Stored int4 codes are in the kernel's own layout (formats.py: tiled), checked once against
+torch's conversion, so a block goes to the kernel as it was read, streamed or not. The kernel's
+scales-and-zeros are made per call into a reused buffer, or once for a block that stays in memory
+(``prepare``: they replace its scales and minima, the same bytes; the dequantizing path then
+reads them back). No dequantized copy of a projection outlives the call that made it: each is
+written into a buffer reused for the next; ``transient_bytes`` gives what those buffers hold at
+most. Does not know: files, which block comes next, the network, the offload.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tpi.quant.formats import QuantTensor, dequantize, from_block, unpack_int4
+from tpi.quant.formats import QuantTensor, dequantize, from_block, tile_int4, tileable, unpack_int4
 
 Compute = Literal["exact", "fast"]
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
+KERNEL_ROWS = 64  # rows of x up to which the fast mode uses the int4 kernel (beyond: dequantize, one GEMM)
 INNER_K_TILES = 8
-TILE = 32  # output rows of one tile of the kernel's packed layout
+CPU = torch.device("cpu")
 
 
 def kernel_applies(rows: int, cols: int, group_size: int, int4: bool, device: torch.device) -> bool:
@@ -41,26 +45,12 @@ def _applies(qt: QuantTensor) -> bool:
     return kernel_applies(*qt.shape, qt.group_size, qt.format == "int4", qt.codes.device)
 
 
-def repack(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [N, K / 2] (low nibble: the even column) -> torch's CPU int4 kernel layout: tiles
-    of 32 rows, each [K, 16] bytes holding row d's code in the low nibble and row d + 16's in the
-    high one. Rows not a multiple of 32, or a torch whose layout differs, go through torch's own
-    conversion (slower)."""
-    rows, half = codes.shape
-    if rows % TILE or not _repack_matches_torch():
-        return _torch_pack(codes)
-    return _repack(codes)
-
-
-def _repack(codes: torch.Tensor) -> torch.Tensor:
-    """At most half the codes' bytes in temporaries beside the result."""
-    rows, half = codes.shape
-    tiles = codes.view(rows // TILE, 2, TILE // 2, half)
-    lo, hi = tiles[:, 0], tiles[:, 1]  # rows d and d + 16 of each tile: [tiles, 16, K / 2]
-    out = torch.empty((rows // TILE, half, 2, TILE // 2), dtype=torch.uint8)  # [tiles, K, 16]
-    out[:, :, 0].copy_(((lo & 0x0F) | (hi << 4)).transpose(1, 2))  # column 2j of both rows
-    out[:, :, 1].copy_(((lo >> 4) | (hi & 0xF0)).transpose(1, 2))  # column 2j + 1
-    return out.view(rows, half)
+def kernel_codes(qt: QuantTensor) -> torch.Tensor:
+    """The codes as torch's CPU int4 kernel reads them: tiled codes as they are when this torch's
+    layout is the tiled one; otherwise converted by torch (slower, allocating)."""
+    if qt.tiled and _layout_is_tiled():
+        return qt.codes
+    return _torch_pack(qt.untiled().codes)
 
 
 def _torch_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -68,38 +58,54 @@ def _torch_pack(codes: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _repack_matches_torch() -> bool:
-    """Whether this torch's CPU layout is the one ``_repack`` writes (checked once, on random codes)."""
-    codes = torch.randint(0, 256, (2 * TILE, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return torch.equal(_repack(codes), _torch_pack(codes))
+def _layout_is_tiled() -> bool:
+    """Whether this torch's CPU int4 layout is formats.py's tiled one (checked once, on random codes)."""
+    codes = torch.randint(0, 256, (64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.equal(tile_int4(codes), _torch_pack(codes))
 
 
-def scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The kernel's [groups, N, 2] scales and zeros: it computes (q - 8) * scale + zero, so that
-    zero = min + 8 * scale (symmetric codes: 8 * scale)."""
-    s = scales.float()
-    zero = s * 8 if mins is None else mins.float() + 8 * s
-    return torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+def scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor | None, out: torch.Tensor | None = None,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's bfloat16 [groups, N, 2] scales and zeros: it computes (q - 8) * scale + zero,
+    so that zero = min + 8 * scale (symmetric codes: 8 * scale), computed in float32 (in `scratch`)
+    and rounded once. Into `out` when given."""
+    rows, groups = scales.shape
+    n = 2 * rows * groups
+    f32 = (torch.empty(n, dtype=torch.float32) if scratch is None else scratch[:n]).view(groups, rows, 2)
+    f32[..., 0].copy_(scales.t())
+    if mins is None:
+        torch.mul(f32[..., 0], 8, out=f32[..., 1])
+    else:
+        f32[..., 1].copy_(mins.t())
+        f32[..., 1].add_(f32[..., 0], alpha=8)
+    return (torch.empty(n, dtype=torch.bfloat16) if out is None else out[:n]).view(groups, rows, 2).copy_(f32)
 
 
-def transient_bytes(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], compute: Compute) -> int:
-    """A bound on what one call allocates for the largest quantized projection among `tensors`
-    ((name, dtype, shape) of a block's stored tensors): the packed codes and scales of a streamed
-    int4 one, or the float32 buffer a dequantized one is written into."""
-    tensors = list(tensors)
+def _from_scales_and_zeros(codes: torch.Tensor, sz: torch.Tensor) -> QuantTensor:
+    """A prepared projection back as a QuantTensor: scale and min = zero - 8 * scale (float32)."""
+    scales = sz[..., 0].t().float()
+    return QuantTensor(codes, scales, sz[..., 1].t().float() - 8 * scales, tileable(codes))
+
+
+def transient_bytes(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], compute: Compute,
+                    prefill_chunk: int) -> int:
+    """The buffers ``QuantLinear`` keeps for the largest quantized projection among `tensors`
+    ((name, dtype, shape) of a block's stored tensors), with steps of at most `prefill_chunk` rows:
+    an int4 one's scales-and-zeros (bfloat16, and float32 while making them) when the fast kernel
+    takes every step, otherwise the float32 buffer a dequantized one is written into."""
     shapes = {name: (dtype, shape) for name, dtype, shape in tensors}
-    most = 0
+    dense = sz = 0
     for name, (dtype, shape) in shapes.items():
         if not name.endswith(".qweight"):
             continue
-        base = name.removesuffix(".qweight")
         rows, cols = shape[0], shape[1] * (2 if dtype == torch.uint8 else 1)
-        groups = shapes[f"{base}.scales"][1][1]
-        if kernel_applies(rows, cols, cols // groups, dtype == torch.uint8, torch.device("cpu")):
-            most = max(most, 3 * rows * cols // 4 + 8 * rows * groups)  # repacked codes, temporaries, scales
-        else:
-            most = max(most, 4 * rows * cols)
-    return most
+        groups = shapes[f"{name.removesuffix('.qweight')}.scales"][1][1]
+        kernel = kernel_applies(rows, cols, cols // groups, dtype == torch.uint8, CPU) and compute == "fast"
+        if kernel:
+            sz = max(sz, 2 * rows * groups)
+        if not kernel or prefill_chunk > KERNEL_ROWS:
+            dense = max(dense, rows * cols)
+    return 6 * sz + 4 * dense
 
 
 class QuantLinear:
@@ -109,54 +115,49 @@ class QuantLinear:
         if compute not in ("exact", "fast"):
             raise ValueError(f"compute={compute!r}: expected exact or fast")
         self.compute = compute
-        self.kernel_dtype = torch.bfloat16 if compute == "fast" else torch.float32
-        self._scratch = threading.local()  # each thread's reused dequantization buffer
+        self._scratch = threading.local()  # each thread's reused buffers, by purpose
 
-    def prepare(self, w: MutableMapping[str, torch.Tensor], keep: Iterable[str] = ()) -> None:
-        """Put a block that stays in memory into the int4 kernel's form once: codes repacked (and in
-        fast mode bfloat16 scales-and-zeros in place of the scales and minima). The projections in
-        `keep` keep their codes too (a tied embedding reads its rows from them)."""
+    def prepare(self, w: MutableMapping[str, torch.Tensor]) -> None:
+        """Fast mode, a block that stays in memory: its int4 projections' scales-and-zeros made once,
+        in place of their scales and minima (the same bytes)."""
+        if self.compute != "fast":
+            return
         for key in [k for k in w if k.endswith(".qweight")]:
             name = key.removesuffix(".qweight")
             qt = from_block(w, name)
             if not _applies(qt):
                 continue
-            w[f"{name}.int4pack"] = repack(qt.codes)
-            if name not in keep:
-                del w[key]
-            if self.compute == "fast":
-                w[f"{name}.int4sz"] = scales_and_zeros(qt.scales, qt.mins, self.kernel_dtype)
-                if name not in keep:
-                    w.pop(f"{name}.scales"), w.pop(f"{name}.mins", None)
+            w[f"{name}.int4sz"] = scales_and_zeros(qt.scales, qt.mins)
+            w.pop(f"{name}.scales"), w.pop(f"{name}.mins", None)
+            if not qt.tiled or not _layout_is_tiled():  # rare: rows not a multiple of 32
+                w[f"{name}.int4pack"] = kernel_codes(qt)  # torch's layout, made once, beside the codes
 
     def __call__(self, x: torch.Tensor, w: MutableMapping[str, torch.Tensor], name: str) -> torch.Tensor:
-        pack = w.get(f"{name}.int4pack")
-        if pack is not None:  # prepared at load
-            sz = w.get(f"{name}.int4sz")
-            if sz is None:
-                sz = scales_and_zeros(w[f"{name}.scales"], w.get(f"{name}.mins"), self.kernel_dtype)
-            y = self._kernel(x, pack, sz)
-        elif f"{name}.qweight" not in w:
+        codes = w.get(f"{name}.qweight")
+        if codes is None:
             return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+        sz = w.get(f"{name}.int4sz")  # prepared at load (fast mode)
+        qt = from_block(w, name) if sz is None else None
+        if self.compute == "fast" and x.shape[0] <= KERNEL_ROWS and (sz is not None or _applies(qt)):
+            if sz is None:
+                sz = scales_and_zeros(qt.scales, qt.mins, self._buffer("sz", 2 * qt.scales.numel(), torch.bfloat16),
+                                      self._buffer("sz32", 2 * qt.scales.numel(), torch.float32))
+            packed = w.get(f"{name}.int4pack", codes) if qt is None else kernel_codes(qt)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, x.shape[-1] // sz.shape[0], sz)
+            y = y.to(x.dtype)
         else:
-            qt = from_block(w, name)
-            if _applies(qt):
-                y = self._kernel(x, repack(qt.codes), scales_and_zeros(qt.scales, qt.mins, self.kernel_dtype))
-            else:
-                y = F.linear(x, dequantize(qt, self._buffer(qt.shape, x.dtype, x.device)))
+            if qt is None:
+                qt = _from_scales_and_zeros(codes, sz)
+            buf = self._buffer("dense", qt.shape[0] * qt.shape[1], x.dtype, x.device).view(qt.shape)
+            y = F.linear(x, dequantize(qt, buf))
         bias = w.get(f"{name}.bias")
         return y if bias is None else y.add_(bias)
 
-    def _kernel(self, x: torch.Tensor, pack: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        group = x.shape[-1] // sz.shape[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.kernel_dtype), pack, group, sz)
-        return y.to(x.dtype)
-
-    def _buffer(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """This thread's scratch for one dequantized projection, grown to the largest asked for."""
-        n = shape[0] * shape[1]
-        buf = getattr(self._scratch, "buf", None)
+    def _buffer(self, purpose: str, n: int, dtype: torch.dtype, device: torch.device = CPU) -> torch.Tensor:
+        """This thread's buffer for `purpose`, at least n elements, grown to the largest asked for."""
+        buf = getattr(self._scratch, purpose, None)
         if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-            buf = self._scratch.buf = torch.empty(max(n, 0 if buf is None else buf.numel()), dtype=dtype,
-                                                  device=device)
-        return buf[:n].view(shape)
+            size = max(n, 0 if buf is None or buf.dtype != dtype else buf.numel())
+            buf = torch.empty(size, dtype=dtype, device=device)
+            setattr(self._scratch, purpose, buf)
+        return buf[:n]
