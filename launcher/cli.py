@@ -104,11 +104,13 @@ def print_stats(records: list, tokens: int) -> None:
     """Per rank: peak RSS and, per generated token, compute, weight stall, allreduce and bytes read."""
     n = max(tokens, 1)
     print(f"{'rank':>4} {'peak RSS MB':>11} {'pinned':>6} {'streamed':>8} {'window':>6} {'compute ms/tok':>14} "
-          f"{'stall ms/tok':>12} {'allreduce ms/tok':>16} {'read MB/tok':>11}", file=sys.stderr)
+          f"{'stall ms/tok':>12} {'allreduce ms/tok':>16} {'read MB/tok':>11} {'weights MB':>10} format",
+          file=sys.stderr)
     for r in records:
         print(f"{r.rank:>4} {r.peak_rss_bytes / 1e6:>11.0f} {r.pinned_blocks:>6} {r.streamed_blocks:>8} "
               f"{r.window:>6} {1000 * r.compute_s / n:>14.1f} {1000 * r.stall_s / n:>12.1f} "
-              f"{1000 * r.allreduce_s / n:>16.1f} {r.bytes_read / 1e6 / n:>11.1f}", file=sys.stderr)
+              f"{1000 * r.allreduce_s / n:>16.1f} {r.bytes_read / 1e6 / n:>11.1f} {r.weight_bytes / 1e6:>10.1f} "
+              f"{r.weight_format or 'float'}", file=sys.stderr)
 
 
 def _messages(system: str | None, prompt: str) -> list[dict[str, str]]:

@@ -87,3 +87,24 @@ def test_cli_errors_name_the_value(tmp_path):
     out = subprocess.run(_tpi("split", str(tmp_path), str(tmp_path / "out"), "--world-size", "2"),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "GPT2LMHeadModel" in out.stderr and "LlamaForCausalLM" in out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_tpi_run_a_gguf_file(smollm2):
+    """The embedded model's own Q4_1 GGUF, split as it is (4-bit, no float expansion), three ranks:
+    the exact compute answers as transformers on the same dequantized weights."""
+    from tpi.embedded import gguf_path
+
+    path, model, tok = smollm2
+    out = subprocess.run(_tpi("run", "--model", str(gguf_path()), "--world-size", "3", "--compute", "exact",
+                              "--prompt", PROMPT_TEXT, "--max-new-tokens", "12", "--stats"),
+                         capture_output=True, text=True, timeout=290)
+    assert out.returncode == 0, out.stderr
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT_TEXT}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([list(ids)]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    assert out.stdout == tok.decode(ref, skip_special_tokens=True) + "\n"
+    rows = [line.split() for line in out.stderr.splitlines() if re.match(r"\s+[012]\s+\d+", line)]
+    assert [r[-1] for r in rows] == ["gguf/exact"] * 3, out.stderr
+    assert float(rows[1][-2]) < 40  # a worker's weights in MB: 4-bit (float32 would be ~130)

@@ -32,6 +32,9 @@ from tpi.scheduler import Counters, WeightScheduler, plan_residency, read_block
 from tpi.weights import Manifest, block_spec, head_specs, rank_blocks, verify_rank_files
 
 MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
+# what a rank's own memory grows by after it plans (a worker's sockets and their threads, each
+# thread's malloc arena, messages in flight): 70B-shaped int4 workers peaked up to 12 MB over plan
+RUNTIME_GROWTH = 32 << 20
 
 
 def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
@@ -47,7 +50,7 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
         raise ConfigError(f"offload_share={off.share!r}: the CPU/GPU offload divides float weights; this split is "
                           f"quantized ({manifest.quant['format']}): its blocks that fit the GPU budget run there, "
                           "the others on the CPU. Leave offload_share unset")
-    runtime = psutil.Process().memory_info().rss
+    runtime = psutil.Process().memory_info().rss + RUNTIME_GROWTH
     device = _device(off.device)
     shard = manifest.plan.shards[rank]
     max_context = opts.max_context or default_max_context(manifest)
