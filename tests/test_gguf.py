@@ -17,7 +17,7 @@ from tpi.config import ConfigError
 from tpi.inprocess import InProcessCluster
 from tpi.quant.formats import QuantTensor, dequantize
 from tpi.quant.gguf import QUANT_TYPES, GGUFCheckpoint, _unpermute, decode
-from tpi.split import Quant, split_cached
+from tpi.split import Quant, split, split_cached
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,9 +109,11 @@ def test_decode_dequantizes_bit_for_bit_as_the_gguf_package(kind):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("kind", ["Q2_K", "Q3_K"])
-def test_a_type_tpi_does_not_read_is_refused_by_name(gguf_files, kind):
+def test_a_type_tpi_does_not_read_is_refused_by_name(gguf_files, kind, tmp_path):
     with pytest.raises(ConfigError, match=rf"blk\.1\.ffn_up\.weight is {kind}; tpi reads"):
-        GGUFCheckpoint(gguf_files(f"refuse-{kind}"))
+        assert GGUFCheckpoint(gguf_files(f"refuse-{kind}")).tensors  # the file is parsed when first needed
+    with pytest.raises(ConfigError, match=rf"is {kind}; tpi reads"):
+        split(gguf_files(f"refuse-{kind}"), tmp_path / "s", 1, progress=False)
 
 
 @pytest.mark.unit

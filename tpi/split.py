@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from tpi.config import ConfigError, ModelConfig
-from tpi.partition import make_plan
+from tpi.partition import make_plan, parse_ratios
 from tpi.quant.formats import QuantTensor, dequantize, from_block, quantize
 from tpi.safetensors_io import StreamingWriter, TensorInfo, read_header, read_rows
 from tpi.weights import (
@@ -240,9 +240,12 @@ def split(model: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
           dtype: str = "float32", progress: bool = True, quant: Quant = Quant()) -> dict:
     """Split a checkpoint (folder or .gguf) into per-rank block files under `out_dir`; returns the
     manifest. `dtype` is the floats' (norms, biases, and unquantized weights)."""
+    return _split(open_checkpoint(model), model, out_dir, world_size, ratios, dtype, progress, quant)
+
+
+def _split(ckpt, model, out_dir, world_size: int, ratios, dtype: str, progress: bool, quant: Quant) -> dict:
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {list(DTYPE_NAMES)}")
-    ckpt = open_checkpoint(model)
     cfg = ckpt.config
     gguf = str(model).endswith(".gguf")
     if gguf and quant.name in ("int8", "int4"):
@@ -302,12 +305,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def split_cached(model: str | os.PathLike, world_size: int, ratios=None, dtype: str = "float32",
                  cache_dir: str | os.PathLike | None = None, progress: bool = True, quant: Quant = Quant()) -> Path:
-    """Split once per (checkpoint, world size, ratios, dtype, format) into the cache; safe across processes."""
+    """Split once per (checkpoint, world size, ratios, dtype, format) into the cache; safe across
+    processes. A split already there is found from the checkpoint's identity alone (a GGUF file is
+    not parsed)."""
     ckpt = open_checkpoint(model)
-    fmt = quant.manifest(str(model).endswith(".gguf"))
-    plan = make_plan(ckpt.config, world_size, ratios, fmt["group_size"] if fmt else 1)
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), plan.to_dict(), dtype, SPLIT_FORMAT,
-                                     [quant.name, quant.group_size, quant.head]]).encode())
+    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), world_size, parse_ratios(ratios, world_size), dtype,
+                                     SPLIT_FORMAT, [quant.name, quant.group_size, quant.head]]).encode())
     root = Path(cache_dir) if cache_dir else cache_root() / "splits"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key.hexdigest()[:24]
@@ -316,7 +319,11 @@ def split_cached(model: str | os.PathLike, world_size: int, ratios=None, dtype: 
         if not (final / "manifest.json").is_file():
             tmp = Path(f"{final}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            split(model, tmp, world_size, plan.ratios, dtype, progress, quant)
+            try:
+                _split(ckpt, model, tmp, world_size, ratios, dtype, progress, quant)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a refused plan or a failed write leaves nothing
+                raise
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     return final

@@ -13,6 +13,7 @@ refused with its name. Does not know: splitting (weights.py), matmuls.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -143,29 +144,48 @@ def _unpermute(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class GGUFCheckpoint:
-    """A .gguf file as a checkpoint source: Hugging Face names, rows on demand."""
+    """A .gguf file as a checkpoint source: Hugging Face names, rows on demand. The file is parsed
+    when first needed (seconds for a large vocabulary): a cached split needs only its identity."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-        from transformers import AutoConfig
-
         self.path = Path(path)
         self.dir = self.path.parent
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: no such GGUF file")
-        self.reader = gguf.GGUFReader(str(self.path))
-        self.arch = str(self.reader.fields["general.architecture"].contents())
-        self.hf_config = AutoConfig.from_pretrained(str(self.dir), gguf_file=self.path.name).to_dict()
-        self.hf_config.pop("quantization_config", None)
-        self.config = ModelConfig.from_hf(self.hf_config)
-        self.tensors = {}
+
+    @functools.cached_property
+    def reader(self):
+        import gguf
+
+        return gguf.GGUFReader(str(self.path))
+
+    @property
+    def arch(self) -> str:
+        return str(self.reader.fields["general.architecture"].contents())
+
+    @functools.cached_property
+    def hf_config(self) -> dict:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(self.dir), gguf_file=self.path.name).to_dict()
+        config.pop("quantization_config", None)
+        return config
+
+    @functools.cached_property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config)
+
+    @functools.cached_property
+    def tensors(self) -> dict:
+        tensors = {}
         for t in self.reader.tensors:
             name = self._hf_name(t.name)
             kind = t.tensor_type.name
             if kind not in QUANT_TYPES and kind not in FLOAT_TYPES:
                 raise ConfigError(f"{self.path}: tensor {t.name} is {kind}; tpi reads {', '.join(FLOAT_TYPES)} and "
                                   f"{', '.join(QUANT_TYPES)}")
-            self.tensors[name] = t
+            tensors[name] = t
+        return tensors
 
     def _hf_name(self, name: str) -> str:
         m = _LAYER.match(name)
