@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="split (cached), start master and workers on this machine, generate, stop",
                        formatter_class=Formatter)
-    p.add_argument("--model", help="a HF checkpoint folder or a .gguf file (default: the embedded "
-                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="a HF checkpoint folder or a .gguf file, or embedded-gguf: the embedded "
+                   "model's own 4-bit GGUF (default: the embedded SmolLM2-135M-Instruct in float32)")
     _add_model(p)
     _add_generation(p)
     p.add_argument("--stats", action="store_true", help="print per-rank time and memory figures at the end")
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the master with an OpenAI-compatible HTTP API", formatter_class=Formatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a HF checkpoint folder or a .gguf file (default: the embedded "
-                     "SmolLM2-135M-Instruct)")
+    src.add_argument("--model", help="a HF checkpoint folder or a .gguf file, or embedded-gguf: the embedded "
+                     "model's own 4-bit GGUF (default: the embedded SmolLM2-135M-Instruct in float32)")
     src.add_argument("--shards", help="a folder written by `tpi split` (instead of --model)")
     _add_model(p)
     g = p.add_argument_group("HTTP")

@@ -74,6 +74,16 @@ def _curve(args, role: str, address: str):
     return Curve(keys, allowed=tuple(check_public_key(k, "--allow-key") for k in args.allow_key))
 
 
+def _model(name: str | None) -> str:
+    """--model: a folder or a .gguf file; "embedded-gguf": the embedded model's GGUF file as shipped;
+    none: the embedded model converted to float32."""
+    if name == "embedded-gguf":
+        from tpi.embedded import gguf_path
+
+        return str(gguf_path())
+    return name or _embedded_model()
+
+
 def _embedded_model() -> str:
     from tpi.embedded import converted_dir, default_model_dir
 
@@ -214,7 +224,7 @@ def cmd_run(args) -> None:
 
     if not args.prompt:
         raise ConfigError("tpi run needs --prompt TEXT")
-    model = args.model or _embedded_model()
+    model = _model(args.model)
     t0 = time.perf_counter()
     q = quant(args)
     with LocalCluster(model, args.world_size, args.ratios, args.dtype, quant=q.name, group_size=q.group_size,
@@ -237,7 +247,7 @@ def cmd_run(args) -> None:
 def cmd_serve(args) -> None:
     from tpi.serve import ServeOptions, serve
 
-    model = args.model if args.model or args.shards else _embedded_model()
+    model = None if args.shards else _model(args.model)
     serve(ServeOptions(model, args.shards, args.world_size, args.ratios, args.dtype, args.host, args.port,
                        args.wait_for_workers, args.bind, args.api_key, args.model_name, args.queue_size,
                        rank_options(args),

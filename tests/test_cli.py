@@ -93,10 +93,8 @@ def test_cli_errors_name_the_value(tmp_path):
 def test_tpi_run_a_gguf_file(smollm2):
     """The embedded model's own Q4_1 GGUF, split as it is (4-bit, no float expansion), three ranks:
     the exact compute answers as transformers on the same dequantized weights."""
-    from tpi.embedded import gguf_path
-
     path, model, tok = smollm2
-    out = subprocess.run(_tpi("run", "--model", str(gguf_path()), "--world-size", "3", "--compute", "exact",
+    out = subprocess.run(_tpi("run", "--model", "embedded-gguf", "--world-size", "3", "--compute", "exact",
                               "--prompt", PROMPT_TEXT, "--max-new-tokens", "12", "--stats"),
                          capture_output=True, text=True, timeout=290)
     assert out.returncode == 0, out.stderr

@@ -127,7 +127,8 @@ class QuantLinear:
             qt = from_block(w, name)
             if not _applies(qt):
                 continue
-            w[f"{name}.int4sz"] = scales_and_zeros(qt.scales, qt.mins)
+            scratch = self._buffer("sz32", 2 * qt.scales.numel(), torch.float32)
+            w[f"{name}.int4sz"] = scales_and_zeros(qt.scales, qt.mins, scratch=scratch)
             w.pop(f"{name}.scales"), w.pop(f"{name}.mins", None)
             if not qt.tiled or not _layout_is_tiled():  # rare: rows not a multiple of 32
                 w[f"{name}.int4pack"] = kernel_codes(qt)  # torch's layout, made once, beside the codes
