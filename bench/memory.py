@@ -13,8 +13,9 @@ residency plan, the weights held and the bytes read.
   float16: the checkpoint's own, memory_budget="1GB" on every rank, prefill chunk 512; targets:
            workers under 1.0 GB, master under 1.5 GB.
   int4:    quant="int4" (group 32, the LM head float16), fast compute, memory_budget 500 MB on the
-           workers and 1 GB on the master, prefill chunk 64 (its activation reserve: 25 MB against
-           196 MB at 512); targets: workers at most 0.5 GB, master at most 1.0 GB.
+           workers and 950 MB on the master, prefill chunk 64 (its activation reserve: 25 MB against
+           196 MB at 512); targets: workers at most 0.5 GB, master at most 1.0 GB. (The master's
+           peak ran 16 MB over a 1 GB budget: it grows ~48 MB past its plan, where the plan keeps 32.)
 
 TPI-LLM reports 3.1 GB per device for Llama 2-70B at world size 8; per-device peak memory should
 not grow from 4 to 6 layers.
@@ -76,7 +77,7 @@ class Format:
 
 
 FORMATS = {"float16": Format("float16", None, "1GB", "1GB", 512, WORKER_TARGET, MASTER_TARGET),
-           "int4": Format("int4", "int4", "500MB", "1GB", 64, 0.5 * GB, 1.0 * GB)}
+           "int4": Format("int4", "int4", "500MB", "950MB", 64, 0.5 * GB, 1.0 * GB)}
 
 
 # -- the run -----------------------------------------------------------------------------------
