@@ -100,10 +100,10 @@ class RankModel:
         a quantized table's rows are dequantized."""
         head = self.head
         if head.table is not None:
-            rows = [_row(w, i - a) for i in ids for a, b, w in head.table if a <= i < b]
+            rows = [_row(w, i - a).cpu() for i in ids for a, b, w in head.table if a <= i < b]  # chunks: GPU or CPU
         else:
             rows = [self._read_row(token) for token in ids]
-        return torch.cat(rows).cpu().to(self.dtype)
+        return torch.cat(rows).to(self.dtype)
 
     def _read_row(self, token: int) -> torch.Tensor:
         """One embedding row from the head file [1, D]; of tiled int4 codes, the tile holding it."""

@@ -93,7 +93,7 @@ def tile_int4(codes: torch.Tensor) -> torch.Tensor:
     rows, half = codes.shape
     tiles = codes.view(rows // TILE, 2, TILE // 2, half)
     lo, hi = tiles[:, 0], tiles[:, 1]  # rows d and d + 16 of each tile: [tiles, 16, K / 2]
-    out = torch.empty((rows // TILE, half, 2, TILE // 2), dtype=torch.uint8)  # [tiles, K, 16]
+    out = torch.empty((rows // TILE, half, 2, TILE // 2), dtype=torch.uint8, device=codes.device)  # [tiles, K, 16]
     out[:, :, 0].copy_(((lo & 0x0F) | (hi << 4)).transpose(1, 2))  # column 2j of both rows
     out[:, :, 1].copy_(((lo >> 4) | (hi & 0xF0)).transpose(1, 2))  # column 2j + 1
     return out.view(rows, half)
@@ -103,7 +103,7 @@ def untile_int4(tiled: torch.Tensor) -> torch.Tensor:
     """The tiled layout back to the rows layout."""
     rows, half = tiled.shape
     t = tiled.view(rows // TILE, half, 2, TILE // 2).permute(0, 3, 1, 2)  # [tiles, 16, K / 2, 2]: (row d, j, e)
-    out = torch.empty((rows // TILE, 2, TILE // 2, half), dtype=torch.uint8)
+    out = torch.empty((rows // TILE, 2, TILE // 2, half), dtype=torch.uint8, device=tiled.device)
     out[:, 0].copy_((t[..., 0] & 0x0F) | (t[..., 1] << 4))  # row d: columns 2j and 2j + 1
     out[:, 1].copy_((t[..., 0] >> 4) | (t[..., 1] & 0xF0))  # row d + 16
     return out.view(rows, half)

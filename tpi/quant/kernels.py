@@ -5,12 +5,13 @@ Owns: ``QuantLinear``, a ``linear(x, w, name)`` for blocks whose projections may
 buffer this object reuses, then multiplied in float32: the product transformers computes on the
 dequantized weights. (torch's int4 kernel with float32 activations is as close, but runs row by
 row of x: 10-60x slower than this for a prompt.) "fast": int4 weights whose kernel applies
-(groups of 32 to 256, a multiple of 16 output rows, on the CPU) go through torch's int4 kernel in
+(groups of 32 to 256, whole 32-row tiles, on the CPU) go through torch's int4 kernel in
 bfloat16 when x has at most ``KERNEL_ROWS`` rows (a decode step, a short prompt chunk; the kernel
 too runs row by row), the rest as exact. A projection stored as floats is a plain ``F.linear``.
 
 Stored int4 codes are in the kernel's own layout (formats.py: tiled), checked once against
-torch's conversion, so a block goes to the kernel as it was read, streamed or not. The kernel's
+torch's conversion, so a block goes to the kernel as it was read, streamed or not; under a torch
+whose kernel reads another layout (2.11 does), fast dequantizes as exact does. The kernel's
 scales-and-zeros are made per call into a reused buffer, or once for a block that stays in memory
 (``prepare``: they replace its scales and minima, the same bytes; the dequantizing path then
 reads them back). No dequantized copy of a projection outlives the call that made it: each is
@@ -28,7 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tpi.quant.formats import QuantTensor, dequantize, from_block, tile_int4, tileable, unpack_int4
+from tpi.quant.formats import TILE, QuantTensor, dequantize, from_block, tile_int4, tileable, unpack_int4
 
 Compute = Literal["exact", "fast"]
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
@@ -38,22 +39,19 @@ CPU = torch.device("cpu")
 
 
 def kernel_applies(rows: int, cols: int, group_size: int, int4: bool, device: torch.device) -> bool:
-    return int4 and group_size in KERNEL_GROUPS and rows % 16 == 0 and cols % 2 == 0 and device.type == "cpu"
+    """Whether torch's int4 kernel takes a projection as it is stored: int4 in whole 32-row tiles
+    (the tiled layout), groups of 32 to 256, on the CPU, under a torch whose kernel reads that
+    layout (2.13 does; checked once). Otherwise the projection is dequantized, as in exact."""
+    return (int4 and group_size in KERNEL_GROUPS and rows % TILE == 0 and cols % 2 == 0 and device.type == "cpu"
+            and _layout_is_tiled())
 
 
 def _applies(qt: QuantTensor) -> bool:
-    return kernel_applies(*qt.shape, qt.group_size, qt.format == "int4", qt.codes.device)
-
-
-def kernel_codes(qt: QuantTensor) -> torch.Tensor:
-    """The codes as torch's CPU int4 kernel reads them: tiled codes as they are when this torch's
-    layout is the tiled one; otherwise converted by torch (slower, allocating)."""
-    if qt.tiled and _layout_is_tiled():
-        return qt.codes
-    return _torch_pack(qt.untiled().codes)
+    return qt.tiled and kernel_applies(*qt.shape, qt.group_size, qt.format == "int4", qt.codes.device)
 
 
 def _torch_pack(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes in the rows layout converted by torch into its CPU kernel's layout."""
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(codes).to(torch.int32), INNER_K_TILES)
 
 
@@ -130,8 +128,6 @@ class QuantLinear:
             scratch = self._buffer("sz32", 2 * qt.scales.numel(), torch.float32)
             w[f"{name}.int4sz"] = scales_and_zeros(qt.scales, qt.mins, scratch=scratch)
             w.pop(f"{name}.scales"), w.pop(f"{name}.mins", None)
-            if not qt.tiled or not _layout_is_tiled():  # rare: rows not a multiple of 32
-                w[f"{name}.int4pack"] = kernel_codes(qt)  # torch's layout, made once, beside the codes
 
     def __call__(self, x: torch.Tensor, w: MutableMapping[str, torch.Tensor], name: str) -> torch.Tensor:
         codes = w.get(f"{name}.qweight")
@@ -143,8 +139,7 @@ class QuantLinear:
             if sz is None:
                 sz = scales_and_zeros(qt.scales, qt.mins, self._buffer("sz", 2 * qt.scales.numel(), torch.bfloat16),
                                       self._buffer("sz32", 2 * qt.scales.numel(), torch.float32))
-            packed = w.get(f"{name}.int4pack", codes) if qt is None else kernel_codes(qt)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, x.shape[-1] // sz.shape[0], sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), codes, x.shape[-1] // sz.shape[0], sz)
             y = y.to(x.dtype)
         else:
             if qt is None:
