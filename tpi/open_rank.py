@@ -100,9 +100,11 @@ def open_rank_model(shard_dir: str | os.PathLike, manifest: Manifest, rank: int,
         sched = WeightScheduler(host, residency, mem.drop_page_cache, opts.threads,
                                 pin_memory=device.type == "cuda").start()
         stack.callback(sched.close)
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, QuantLinear):  # a tied table's chunks keep their scales: embedding rows read them
+            table = {s.key for s, _, _ in chunks} if cfg.tie_word_embeddings else set()
             for i in sched.res.pinned:
-                linear.prepare(sched.pinned(i))
+                if host[i].key not in table:
+                    linear.prepare(sched.pinned(i))
         tune = measure and off.tune  # every rank of the machine tunes: they meet at every timed step
         offload = None
         if share is not None:
