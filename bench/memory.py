@@ -206,12 +206,13 @@ def _growth(runs: list[LayerRun]) -> str:
     a, b = runs[0], runs[-1]
     deltas = [rb.peak_rss_bytes - ra.peak_rss_bytes for ra, rb in zip(a.ranks, b.ranks)]
     worst = max(deltas, key=abs)
-    added = (b.checkpoint_bytes - a.checkpoint_bytes) / len(a.ranks)
+    added = sum(rb.weight_bytes - ra.weight_bytes for ra, rb in zip(a.ranks, b.ranks)) / len(a.ranks)
+    within = all(r.peak_rss_bytes <= r.planned_bytes for run in (a, b) for r in run.ranks)
     return (f"{a.fmt.name}: per-rank peak RSS change from {a.layers} to {b.layers} layers: "
-            f"{', '.join(f'{d / MB:+.0f}' for d in deltas)} MB (largest {worst / MB:+.0f} MB; the model grew by "
-            f"{added / MB:,.0f} MB per rank). Does not grow: "
+            f"{', '.join(f'{d / MB:+.0f}' for d in deltas)} MB (largest {worst / MB:+.0f} MB; the weights grew by "
+            f"{added / MB:,.0f} MB per rank, as stored). Does not grow: "
             f"{'yes' if max(deltas) < 0.05 * added else 'NO'} (criterion: every rank grows by < 5% of the weights "
-            "added per rank).")
+            f"added per rank). Every rank's peak within its plan: {'yes' if within else 'NO'}.")
 
 
 def report(runs: list[LayerRun], args: argparse.Namespace, notes: list[str]) -> str:

@@ -177,10 +177,11 @@ class Lines:
 @pytest.fixture(scope="session")
 def can_emulate():
     """Skip unless this machine lets us build a network (root, iproute2, namespaces, bridges)."""
-    from tpi.emulate import EmulateError, Network, check_prerequisites
+    from tpi.emulate import EmulateError, Network, check_prerequisites, remove_leftovers
 
     try:
         check_prerequisites()
+        remove_leftovers()  # of runs that were killed
         Network(1).start().close()
     except EmulateError as e:
         pytest.skip(f"tpi emulate cannot run here: {e}")

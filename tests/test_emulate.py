@@ -144,3 +144,17 @@ def test_without_root_or_iproute2_it_says_so(monkeypatch, tmp_path, capsys, miss
         cmd_emulate(build_parser().parse_args(["emulate", str(cfg)]))
     expected = "needs root" if missing == "root" else "needs iproute2: tc not found on PATH"
     assert str(e.value).startswith("tpi emulate: ") and expected in str(e.value)
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_a_subnet_in_use_blocks_only_itself(monkeypatch):
+    """A leftover or concurrent emulation on 10.77.0.0/24 leaves 10.77.1.0/24 free (the check used
+    to read "10.77." and refuse every subnet); 10.77.10.x does not block 10.77.1.0/24."""
+    import tpi.emulate as emulate
+
+    used = {"addr": "3: tpe1a-br inet 10.77.0.1/24 scope global\n4: x inet 10.77.10.5/24", "route": ""}
+    monkeypatch.setattr(emulate, "_run", lambda *argv, check=True: used["addr" if "addr" in argv else "route"])
+    assert emulate._free_subnet() == "10.77.1.0/24"
+    used["route"] = "10.77.1.0/24 dev tpe2b-br proto kernel"
+    assert emulate._free_subnet() == "10.77.2.0/24"

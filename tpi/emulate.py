@@ -136,7 +136,7 @@ def owned_names() -> list[str]:
 def _free_subnet() -> str:
     used = _run("ip", "-4", "-o", "addr", "show") + _run("ip", "-4", "route", "show", "table", "all")
     for net in SUBNETS:
-        if net.rsplit(".", 2)[0] + "." not in used:
+        if net.rsplit(".", 1)[0] + "." not in used:  # "10.77.3.": this /24's addresses and routes
             return net
     raise EmulateError("no free subnet among 10.77.0-255.0/24: pass one with --subnet")
 
