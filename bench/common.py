@@ -20,6 +20,7 @@ Does not know: what any benchmark measures, or tpi (nothing here imports it).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -272,6 +273,18 @@ def drop_page_cache(paths: Iterable[Path]) -> None:
 def int_list(text: str) -> list[int]:
     """"1,2,3" -> [1, 2, 3] (for argparse)."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: "a,b" -> ["a", "b"], each one of `choices` (else a message naming them)."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return names
+
+    return parse
 
 
 # -- rank processes ------------------------------------------------------------------------------

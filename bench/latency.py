@@ -32,7 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import OUT_DIR, SHAPES, command_line, int_list, rounds, save_plot, table, write_llama, write_report
+from common import (
+    OUT_DIR,
+    SHAPES,
+    choice_list,
+    command_line,
+    int_list,
+    rounds,
+    save_plot,
+    table,
+    write_llama,
+    write_report,
+)
 
 MODELS = ("smollm2", "random100m")
 PROMPT_TEXT = (
@@ -248,14 +259,6 @@ def plot(rows: list[Row], path: Path) -> bool:
 
 
 # -- command line ------------------------------------------------------------------------------
-def model_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in MODELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {list(MODELS)}")
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, help="greedy tokens to generate (default 32; --quick: 8)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default 32)")
     p.add_argument("--world-sizes", type=int_list, help="comma-separated (default 1,2,3; --quick: 1,2)")
-    p.add_argument("--models", type=model_list, help=f"comma-separated from {','.join(MODELS)} "
+    p.add_argument("--models", type=choice_list(MODELS), help=f"comma-separated from {','.join(MODELS)} "
                    "(default both; --quick: smollm2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per tpi rank process (default 1)")
     p.add_argument("--hf-threads", type=int_list, help="comma-separated thread counts for transformers "

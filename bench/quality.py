@@ -46,7 +46,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import BENCH_DIR, OUT_DIR, LlamaShape, command_line, git_revision, table, write_llama, write_report
+from common import (
+    BENCH_DIR,
+    OUT_DIR,
+    LlamaShape,
+    choice_list,
+    command_line,
+    git_revision,
+    table,
+    write_llama,
+    write_report,
+)
 
 TEXT = BENCH_DIR / "data" / "pride_and_prejudice.txt"
 MODELS = ("smollm2", "random")
@@ -290,17 +300,6 @@ def report(results: list[Result], args: argparse.Namespace, n_tokens: int, revis
 
 
 # -- command line --------------------------------------------------------------------------------
-def choice_list(choices: Sequence[str]):
-    def parse(text: str) -> list[str]:
-        names = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [n for n in names if n not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
-        return names
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
