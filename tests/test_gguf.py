@@ -187,3 +187,26 @@ def test_a_quantized_split_is_a_fraction_of_the_float32_one(gguf_files, split_ca
     ratio = kept / floats
     print(f"{kind}: split {kept} bytes, float32 split {floats} bytes ({ratio:.3f}x), file {path.stat().st_size}")
     assert ratio < BOUNDS[kind]
+
+
+# -- the embedded model's own GGUF -------------------------------------------------------------------------------------
+@pytest.mark.slow  # a 135M model: a split of its GGUF per world size (parsing the file: ~6-12 s each)
+@pytest.mark.timeout(400)
+def test_the_embedded_models_own_gguf_at_world_sizes_1_and_2(smollm2, split_cache):
+    """SmolLM2 from its GGUF as shipped (Q4_1 layers, a Q8_0 embedding: 4-bit on every rank), exact
+    compute, at world size 1 and 2 with an uneven split: within 1e-4 of transformers on its float32
+    conversion (the same weights, dequantized), the same greedy tokens. World size 3 (3 KV heads: at
+    most 3 ranks with a share) runs through `tpi run` in test_cli.py::test_tpi_run_a_gguf_file."""
+    from tpi.embedded import gguf_path
+
+    _, model, tok = smollm2
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref_logits = model(torch.tensor([ids])).logits[0]
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    for world_size, ratios in ((1, None), (2, "2,1")):
+        with InProcessCluster(gguf_path(), world_size, ratios, cache_dir=split_cache, compute="exact") as cluster:
+            assert_close(cluster.forward(ids), ref_logits)
+            assert cluster.generate(ids, 16) == ref, (world_size, ratios)
+            assert all(s.weight_format == "gguf/exact" for s in cluster.stats())
