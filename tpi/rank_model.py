@@ -27,8 +27,6 @@ from tpi.scheduler import WeightScheduler
 from tpi.stats import RankStats
 from tpi.weights import Manifest
 
-MEET_TIMEOUT = 120.0  # seconds a rank waits for the others of its machine before measuring alone
-
 
 @dataclass
 class Head:

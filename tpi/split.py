@@ -29,7 +29,7 @@ import torch
 from tpi.config import ConfigError, ModelConfig
 from tpi.partition import make_plan, parse_ratios
 from tpi.quant.formats import QuantTensor, dequantize, from_block, quantize
-from tpi.safetensors_io import StreamingWriter, TensorInfo, read_header, read_rows
+from tpi.safetensors_io import ShardFileError, StreamingWriter, TensorInfo, read_header, read_rows
 from tpi.weights import (
     DTYPE_NAMES,
     SPLIT_FORMAT,
@@ -111,8 +111,6 @@ class Checkpoint:
         raise ConfigError(f"{self.dir}: no *.safetensors weights found")
 
     def info(self, name: str) -> tuple[str, TensorInfo]:
-        from tpi.safetensors_io import ShardFileError
-
         if name not in self.tensors:
             raise ShardFileError(f"{self.dir}: checkpoint has no tensor {name!r}")
         return self.tensors[name]
